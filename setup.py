@@ -1,0 +1,36 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).parent
+
+setup(
+    name="dinov2_repro",
+    version="0.1.0",
+    description="DINO/DINOv2 self-supervised pretraining, reimplemented and carried to brain-MRI classification",
+    long_description=(ROOT / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11,<3.13",
+    packages=find_packages(include=["dinov2_repro", "dinov2_repro.*"]),
+    install_requires=[
+        "torch>=2.4",
+        "torchvision>=0.19",
+        "numpy",
+        "pyyaml",
+        "omegaconf>=2.3",
+        "fvcore",
+        "submitit",
+        "wandb",
+        "scikit-learn",
+        "matplotlib",
+        "tqdm",
+        "pillow",
+    ],
+    extras_require={
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors"],
+        "xformers": ["xformers"],
+        "faiss": ["faiss-cpu"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},
+)
