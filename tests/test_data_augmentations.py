@@ -1,0 +1,190 @@
+"""Multi-crop augmentation: shapes per patch size, blur schedules, solarize placement, normalisation, RNG."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2_repro.data.augmentations import (BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD,
+                                             MultiCropAugmentation, sample_crop_box)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Per-image work runs single-threaded in loader workers; on a shared 2-core machine extra threads only thrash.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _image(h=80, w=96, seed=0):
+    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (3, h, w), dtype=np.uint8))
+
+
+@pytest.mark.parametrize("patch, local", [(14, 98), (16, 96)])
+def test_crop_shapes_and_counts(patch, local):
+    aug = MultiCropAugmentation(local_crops_number=3, global_crops_size=224, local_crops_size=local, patch_size=patch)
+    out = aug(_image(), generator=torch.Generator().manual_seed(0))
+    assert set(out) == {"global_crops", "local_crops"}
+    assert [t.shape for t in out["global_crops"]] == [(3, 224, 224)] * 2
+    assert [t.shape for t in out["local_crops"]] == [(3, local, local)] * 3
+    assert all(t.dtype == torch.float32 for t in out["global_crops"] + out["local_crops"])
+
+
+def test_crop_size_must_divide_by_patch_size():
+    with pytest.raises(ValueError, match=r"local_crops_size=96.*patch_size=14"):
+        MultiCropAugmentation(local_crops_size=96, patch_size=14)
+    with pytest.raises(ValueError, match=r"global_crops_size=220.*patch_size=16"):
+        MultiCropAugmentation(global_crops_size=220, patch_size=16)
+    with pytest.raises(ValueError, match="blur_mode"):
+        MultiCropAugmentation(blur_mode="sometimes")
+
+
+def _decisions(aug, n_images, key, image=None):
+    """Per crop kind (global_1, global_2, local): the fraction of crops whose trace says ``key``; and the total."""
+    counts, totals = {}, {}
+    image = _image(24, 24)[:1].expand(3, -1, -1) if image is None else image  # gray: the cheap path
+    for seed in range(n_images):
+        trace = []
+        aug(image, generator=torch.Generator().manual_seed(seed), trace=trace)
+        for record in trace:
+            kind = record["crop"] if record["crop"].startswith("global") else "local"
+            counts[kind] = counts.get(kind, 0) + int(record.get(key, False))
+            totals[kind] = totals.get(kind, 0) + 1
+    return {k: counts[k] / totals[k] for k in totals}, sum(counts.values())
+
+
+@pytest.mark.parametrize("mode", ["paper", "as_released"])
+def test_blur_probabilities_by_name(mode, monkeypatch):
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8, blur_mode=mode)
+    calls = []
+    original = aug._blur
+    monkeypatch.setattr(aug, "_blur", lambda crop, sigma: calls.append(sigma) or original(crop, sigma))
+    rates, n_blurred = _decisions(aug, 250, "blur")
+    expected = dict(zip(("global_1", "global_2", "local"), BLUR_PROBABILITIES[mode]))
+    for kind, p in expected.items():
+        n = 250 * (2 if kind == "local" else 1)
+        assert abs(rates[kind] - p) <= 4 * (p * (1 - p) / n) ** 0.5 + 1e-9, (kind, rates[kind], p)
+    assert len(calls) == n_blurred  # the blur op ran exactly when the decision says so
+    assert all(0.1 <= s <= 2.0 for s in calls)
+    assert MultiCropAugmentation().blur_mode == "paper"  # the documented default
+
+
+def test_solarize_only_on_the_second_global_crop():
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8)
+    rates, _ = _decisions(aug, 250, "solarize")
+    assert rates["global_1"] == 0 and rates["local"] == 0
+    assert abs(rates["global_2"] - 0.2) < 4 * (0.2 * 0.8 / 250) ** 0.5
+
+
+def test_normalisation_by_hand_on_a_constant_image():
+    # A constant image stays constant through crop, flip, blur and grayscale; without jitter or solarize the
+    # output is exactly (v / 255 - mean) / std per channel.
+    image = torch.full((3, 40, 40), 153, dtype=torch.uint8)
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8)
+    expected = [(153 / 255 - m) / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD)]
+    checked = 0
+    for seed in range(20):
+        trace = []
+        out = aug(image, generator=torch.Generator().manual_seed(seed), trace=trace)
+        for crop, record in zip(out["global_crops"] + out["local_crops"], trace):
+            if not record["jitter"] and not record["solarize"]:
+                for c in range(3):
+                    assert torch.allclose(crop[c], torch.full_like(crop[c], expected[c]), atol=1e-5)
+                checked += 1
+    assert checked > 5
+
+
+def test_same_generator_seed_same_crops_other_seed_differs():
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=32, local_crops_size=16)
+    image = _image()
+    a = aug(image, generator=torch.Generator().manual_seed(3))
+    b = aug(image, generator=torch.Generator().manual_seed(3))
+    c = aug(image, generator=torch.Generator().manual_seed(4))
+    for x, y, z in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"],
+                       c["global_crops"] + c["local_crops"]):
+        assert torch.equal(x, y) and not torch.equal(x, z)
+
+
+def test_mri_preset_gray_pipeline():
+    aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8, preset="mri",
+                                mean=(0.2, 0.2, 0.2), std=(0.25, 0.25, 0.25))
+    gray = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (1, 30, 30), dtype=np.uint8))
+    trace = []
+    out = aug(gray.expand(3, -1, -1), generator=torch.Generator().manual_seed(0), trace=trace)
+    for crop in out["global_crops"] + out["local_crops"]:
+        assert crop.shape[0] == 3 and torch.equal(crop[0], crop[1]) and torch.equal(crop[1], crop[2])
+    assert all("grayscale" not in r for r in trace)
+    assert all(set(r.get("jitter_factors", {})) <= {"brightness", "contrast"} for r in trace)
+    gammas, noise = [], []
+    for seed in range(150):
+        trace = []
+        aug(gray, generator=torch.Generator().manual_seed(seed), trace=trace)
+        gammas += [r.get("gamma") for r in trace]
+        noise += [r["noise"] for r in trace]
+    applied = [g for g in gammas if g is not None]
+    assert abs(len(applied) / len(gammas) - 0.8) < 4 * (0.16 / len(gammas)) ** 0.5  # p = 0.8
+    assert abs(np.mean(noise) - 0.5) < 4 * (0.25 / len(noise)) ** 0.5  # p = 0.5
+    assert 0.7 <= min(applied) and max(applied) <= 1.5 and min(applied) < 0.8 and max(applied) > 1.3
+
+
+def test_accepts_pil_and_numpy_inputs():
+    aug = MultiCropAugmentation(local_crops_number=1, global_crops_size=16, local_crops_size=8)
+    array = np.random.default_rng(0).integers(0, 256, (20, 24), dtype=np.uint8)
+    from_pil = aug(Image.fromarray(array), generator=torch.Generator().manual_seed(0))
+    from_numpy = aug(array, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(from_pil["global_crops"][0], from_numpy["global_crops"][0])
+
+
+def test_crop_box_follows_scale_and_falls_back_to_centre():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        top, left, h, w = sample_crop_box(100, 120, (0.05, 0.32), rng.random(40).tolist())
+        assert 0 <= top <= 100 - h and 0 <= left <= 120 - w
+        assert 0.04 <= h * w / 12000 <= 0.34  # rounding of h, w moves the area a little
+        assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
+    # every try too large (scale 1, extreme aspect draws) on a very wide image: centred crop of ratio 4/3
+    assert sample_crop_box(10, 100, (1.0, 1.0), [0.0, 1.0, 0.5, 0.5] * 10) == (0, 43, 10, 13)
+
+
+def test_grayscale_rounds_like_pil():
+    from dinov2_repro.data.augmentations import to_grayscale
+
+    pixels = np.array([[[153, 153, 153], [255, 0, 0], [0, 255, 0], [10, 200, 30]]], dtype=np.uint8)  # (1, 4, 3)
+    ours = to_grayscale(torch.from_numpy(pixels).permute(2, 0, 1))[0, 0].tolist()
+    assert ours == [153, 76, 150, 124]  # 0.299 R + 0.587 G + 0.114 B, rounded (123.81 -> 124)
+    assert ours == list(np.asarray(Image.fromarray(pixels).convert("L"))[0])
+
+
+def test_separable_blur_matches_torchvision():
+    from torchvision.transforms.v2 import functional as F
+
+    from dinov2_repro.data.augmentations import gaussian_blur_separable
+
+    image = _image(30, 26)
+    for sigma in (0.1, 0.7, 2.0):
+        ours = gaussian_blur_separable(image, sigma)
+        assert (ours.int() - F.gaussian_blur(image, [9, 9], [sigma, sigma]).int()).abs().max() <= 1
+
+
+def test_gray_fast_path_equals_three_channel_computation():
+    gray = torch.from_numpy(np.random.default_rng(2).integers(0, 256, (1, 40, 36), dtype=np.uint8)).expand(3, -1, -1)
+    fast = MultiCropAugmentation(local_crops_number=2, global_crops_size=24, local_crops_size=12)
+    slow = MultiCropAugmentation(local_crops_number=2, global_crops_size=24, local_crops_size=12)
+    slow.gray_fast_path = False
+    level = 1.0 / 255 / min(IMAGENET_STD)
+    exact = 0
+    for seed in range(8):
+        trace = []
+        a = fast(gray, generator=torch.Generator().manual_seed(seed), trace=trace)
+        b = slow(gray, generator=torch.Generator().manual_seed(seed))
+        for x, y, record in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"], trace):
+            if record["jitter"]:
+                # saturation/hue are exact identities on gray; torchvision's 3-channel contrast takes the mean of
+                # a luma with weights summing to 0.9999, which moves some pixels by a level
+                assert (x - y).abs().max() <= 2 * level + 1e-6
+            else:
+                assert torch.equal(x, y)
+                exact += 1
+    assert exact >= 3

@@ -1,0 +1,101 @@
+"""The built-in synthetic brain-MRI phantoms: layout, determinism, idempotence, class cues."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinov2_repro.data.synthetic import (CLASSES, MARKER_FILE, PhantomRenderer, encode_png_gray, generate_dataset,
+                                         render_phantom)
+
+
+def _files(root):
+    return sorted(p.relative_to(root) for p in root.rglob("*.png"))
+
+
+def test_layout_counts_readme_and_marker(tmp_path):
+    summary = generate_dataset(tmp_path / "s", n_per_class=5, seed=0, size=64)
+    root = tmp_path / "s"
+    for cls in CLASSES:
+        assert len(list((root / "Training" / cls).glob("*.png"))) == 5
+        assert len(list((root / "Testing" / cls).glob("*.png"))) == 1  # default max(1, 5 // 4)
+    assert summary["n_images"] == 24 and summary["counts"]["Training"]["glioma"] == 5 and not summary["skipped"]
+    readme = (root / "README.txt").read_text()
+    assert "SYNTHETIC" in readme and "NOT real patient data" in readme and "NO SUBSTITUTE" in readme
+    assert json.loads((root / MARKER_FILE).read_text())["n_per_class"] == 5
+    image = Image.open(root / "Training" / "pituitary" / "0003.png")
+    assert image.mode == "L" and image.size == (64, 64)
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_same_seed_identical_bytes_other_seed_differs(tmp_path):
+    generate_dataset(tmp_path / "a", n_per_class=2, seed=7, size=64, n_test_per_class=1)
+    generate_dataset(tmp_path / "b", n_per_class=2, seed=7, size=64, n_test_per_class=1)
+    generate_dataset(tmp_path / "c", n_per_class=2, seed=8, size=64, n_test_per_class=1)
+    files = _files(tmp_path / "a")
+    assert files == _files(tmp_path / "b") == _files(tmp_path / "c") and len(files) == 12
+    for rel in files:
+        assert (tmp_path / "a" / rel).read_bytes() == (tmp_path / "b" / rel).read_bytes()
+    assert all((tmp_path / "a" / rel).read_bytes() != (tmp_path / "c" / rel).read_bytes() for rel in files)
+    # render_phantom gives exactly the pixels that were written
+    written = np.asarray(Image.open(tmp_path / "a" / "Testing" / "meningioma" / "0000.png"))
+    assert np.array_equal(written, render_phantom("meningioma", seed=7, index=0, size=64, split="Testing"))
+
+
+def test_generation_is_idempotent_and_refuses_other_parameters(tmp_path):
+    root = tmp_path / "s"
+    generate_dataset(root, n_per_class=2, size=64)
+    first = root / "Training" / "glioma" / "0000.png"
+    stamp = first.stat().st_mtime_ns
+    again = generate_dataset(root, n_per_class=2, size=64)
+    assert again["skipped"] and first.stat().st_mtime_ns == stamp
+    with pytest.raises(FileExistsError, match="n_per_class"):
+        generate_dataset(root, n_per_class=3, size=64)
+
+
+def test_png_encoder_round_trips():
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (17, 23), dtype=np.uint8)
+    assert np.array_equal(np.asarray(Image.open(io.BytesIO(encode_png_gray(array)))), array)
+    with pytest.raises(ValueError, match="uint8"):
+        encode_png_gray(array.astype(np.uint16))
+
+
+def test_mean_intensity_is_a_poor_class_cue():
+    renderer = PhantomRenderer(64)
+
+    def means(seed, n=40):
+        return {c: np.array([render_phantom(c, seed, i, 64, renderer=renderer).mean() for i in range(n)])
+                for c in CLASSES}
+
+    # Nearest-class-mean classifier on mean intensity alone, fitted on one seed, tested on another:
+    # well below what the images allow (chance is 0.25).
+    fit, test = means(0), means(1)
+    centres = np.array([fit[c].mean() for c in CLASSES])
+    correct = sum(int(np.argmin(np.abs(centres - m)) == k) for k, c in enumerate(CLASSES) for m in test[c])
+    assert correct / (40 * len(CLASSES)) < 0.45
+
+
+
+def test_lesions_sit_where_their_class_puts_them():
+    # Anatomy, lesion and acquisition use separate random streams, so with one RNG seed a glioma or meningioma
+    # phantom is the notumor phantom plus its lesion: the changed pixels show where the lesion is.
+    renderer = PhantomRenderer(128)
+    yy, xx = np.mgrid[0:128, 0:128]
+    for seed in range(6):
+        healthy = renderer.render("notumor", np.random.default_rng(seed)).astype(int)
+        for label, (r_min, r_max) in (("glioma", (0.0, 0.75)), ("meningioma", (0.55, 1.1))):
+            changed = np.abs(renderer.render(label, np.random.default_rng(seed)).astype(int) - healthy) > 12
+            assert 0.002 < changed.mean() < 0.35, (label, seed, changed.mean())
+            cy, cx = yy[changed].mean(), xx[changed].mean()
+            radius = np.hypot(cy - 63.5, cx - 63.5) / 63.5  # 0 = centre, 1 = image edge
+            assert r_min <= radius <= r_max, (label, seed, radius)  # glioma intra-axial, meningioma at the skull
+
+
+def test_invalid_arguments():
+    with pytest.raises(ValueError, match="unknown phantom class"):
+        render_phantom("astrocytoma")
+    with pytest.raises(ValueError, match="n_per_class"):
+        generate_dataset("/nonexistent/never", n_per_class=0)
