@@ -1,0 +1,126 @@
+"""Training guards: stop (or skip) on a non-finite loss, warn on representation collapse, reject bad setups.
+
+Non-finite values: with ``train.nonfinite: stop`` (default) the engine raises `NonFiniteLossError` naming the
+loss term (or ``grad_norm``) and the iteration *before* the optimiser step, so the weights, the teacher and the
+last checkpoint stay those of the last good iteration. With ``skip_batch`` the update is dropped (gradients
+zeroed, no optimiser step, no EMA) and the skip is counted; with fp16 the grad scaler's own inf/NaN skips
+(a normal part of loss scaling) are not counted as errors.
+
+Collapse: DINO collapses either to one prototype (teacher entropy -> 0) or to the uniform distribution
+(entropy -> log K); in both cases the student's CLS features stop varying across images. `CollapseMonitor`
+warns when both signs persist for ``logging.collapse_patience_iterations`` iterations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss term or the gradient norm is NaN/inf; carries ``term``, ``iteration`` and ``value``."""
+
+    def __init__(self, term: str, iteration: int, value: float, checkpoint: Optional[str] = None):
+        self.term, self.iteration, self.value, self.checkpoint = term, iteration, value, checkpoint
+        where = f"last good checkpoint: {checkpoint}" if checkpoint else "no checkpoint was written yet"
+        super().__init__(
+            f"non-finite {term} = {value} at iteration {iteration}; training stopped without updating the "
+            f"weights ({where}). Lower optim.base_lr, keep optim.clip_grad > 0, prefer compute.precision=bf16 "
+            f"or fp32 to fp16, or set train.nonfinite=skip_batch to drop such batches."
+        )
+
+
+def first_nonfinite(values: Mapping[str, float]) -> Optional[str]:
+    """Name of the first entry of ``values`` that is NaN or inf (None when all are finite)."""
+    for name, value in values.items():
+        if not math.isfinite(value):
+            return name
+    return None
+
+
+@dataclass
+class CollapseMonitor:
+    """Counts consecutive iterations that look collapsed and returns a warning once the patience is reached.
+
+    Collapsed = teacher entropy below ``low_entropy_frac * log K`` or above ``high_entropy_frac * log K`` (K
+    prototypes) *and* a student CLS spread below ``min_std_frac / sqrt(D)``: the per-dimension std of
+    L2-normalised D-dim features is about 1/sqrt(D) when they are spread out, and 0 when they all coincide.
+    Either sign alone is normal (the teacher is near-uniform at initialisation).
+    """
+
+    n_prototypes: int
+    patience: int
+    embed_dim: int = 384
+    low_entropy_frac: float = 0.05
+    high_entropy_frac: float = 0.98
+    min_std_frac: float = 0.1
+    streak: int = 0
+    warned: bool = False
+
+    def looks_collapsed(self, teacher_entropy: float, student_cls_std: float) -> bool:
+        log_k = math.log(self.n_prototypes)
+        extreme = teacher_entropy < self.low_entropy_frac * log_k or teacher_entropy > self.high_entropy_frac * log_k
+        return extreme and student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim)
+
+    def update(self, iteration: int, teacher_entropy: Optional[float],
+               student_cls_std: Optional[float]) -> Optional[str]:
+        """Feed one iteration's diagnostics; returns a warning message the first time the streak hits patience."""
+        if teacher_entropy is None or student_cls_std is None:
+            return None
+        if not self.looks_collapsed(teacher_entropy, student_cls_std):
+            self.streak, self.warned = 0, False
+            return None
+        self.streak += 1
+        if self.streak < self.patience or self.warned:
+            return None
+        self.warned = True
+        log_k = math.log(self.n_prototypes)
+        kind = ("concentrated on one prototype (entropy %.3f ~ 0)" % teacher_entropy
+                if teacher_entropy < self.low_entropy_frac * log_k
+                else "uniform (entropy %.3f ~ log K = %.3f)" % (teacher_entropy, log_k))
+        return (f"possible collapse at iteration {iteration}: teacher output is {kind} and student CLS std is "
+                f"{student_cls_std:.2e} for {self.streak} iterations. Small datasets usually need a higher "
+                "teacher momentum (teacher.momentum_teacher 0.996-0.9995), fewer prototypes "
+                "(dino.head_n_prototypes) or a lower lr.")
+
+
+def check_setup(cfg, device_type: str, world_size: int, dist_source: str) -> None:
+    """Reject setting combinations that cannot work, naming the config key and the fix."""
+    from dinov2_repro.config import ConfigError
+
+    precision, parallelism = cfg.compute.precision, cfg.compute.parallelism
+    if device_type == "cpu" and precision == "fp16":
+        raise ConfigError("compute.precision = 'fp16' needs CUDA: CPU autocast supports bf16 only "
+                          "(use compute.precision=bf16 or fp32 on CPU)")
+    param_dtype = cfg.compute.param_dtype
+    if parallelism == "fsdp" and precision != "fp32" and param_dtype not in ("fp32", precision):
+        raise ConfigError(f"compute.param_dtype = {param_dtype!r} with compute.precision = {precision!r}: FSDP "
+                          f"parameters must be fp32 or the autocast dtype (set compute.param_dtype={precision})")
+    if parallelism == "fsdp" and dist_source == "single":
+        raise ConfigError("compute.parallelism = 'fsdp' needs a process group: launch with torchrun "
+                          "(torchrun --nproc-per-node N -m dinov2_repro.train ...) or srun, or set "
+                          "compute.parallelism=none for one process")
+    if parallelism == "ddp" and dist_source == "single":
+        raise ConfigError("compute.parallelism = 'ddp' needs a process group: launch with torchrun or srun, "
+                          "or set compute.parallelism=none for one process")
+    if parallelism == "none" and world_size > 1:
+        raise ConfigError(f"compute.parallelism = 'none' but {world_size} processes were launched: "
+                          "set compute.parallelism=ddp or fsdp")
+    if cfg.koleo.loss_weight > 0 and cfg.train.batch_size_per_gpu < 2:
+        raise ConfigError(f"train.batch_size_per_gpu = {cfg.train.batch_size_per_gpu} with koleo.loss_weight = "
+                          f"{cfg.koleo.loss_weight}: KoLeo needs >= 2 images per GPU to find a nearest neighbour "
+                          "(raise the batch size or set koleo.loss_weight=0)")
+    if cfg.student.attn_backend == "xformers":
+        import importlib.util
+
+        if importlib.util.find_spec("xformers") is None:
+            raise ConfigError("student.attn_backend = 'xformers' but xformers is not installed "
+                              "(pip install xformers, or use student.attn_backend=sdpa / auto)")
+        if device_type != "cuda":
+            raise ConfigError("student.attn_backend = 'xformers' needs CUDA (use sdpa or auto on CPU)")
+    if device_type == "cuda" and precision == "bf16":
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            raise ConfigError("compute.precision = 'bf16' but this GPU has no bf16 support: use fp16 or fp32")
