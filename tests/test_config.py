@@ -124,3 +124,8 @@ def test_config_is_read_only():
     cfg = load_config()
     with pytest.raises(Exception):
         cfg.train.seed = 3
+
+
+def test_empty_override_means_empty_string():
+    cfg = load_config(None, ["data.split=", "data.path=x"])
+    assert cfg.data.split == "" and cfg.data.path == "x"

@@ -52,8 +52,10 @@ def _parse_overrides(overrides: Sequence[str]):
     bad = [o for o in overrides if "=" not in o or o.startswith("=")]
     if bad:
         raise ConfigError(f"{COMMAND_LINE}: overrides must look like key=value, got {bad}")
+    # "key=" means an empty string (OmegaConf would read it as null, which typed str fields reject)
+    dotlist = [o + "''" if o.endswith("=") else o for o in overrides]
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        return OmegaConf.from_dotlist(dotlist)
     except Exception as exc:
         raise ConfigError(f"{COMMAND_LINE}: cannot parse overrides {list(overrides)}: {exc}") from exc
 
