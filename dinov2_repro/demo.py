@@ -1,0 +1,221 @@
+"""``dinov2-repro demo``: the whole pipeline on a fresh machine, with no download, in about 10 minutes on 2 CPU cores.
+
+1. generate the built-in SYNTHETIC brain-MRI phantoms (if missing);
+2. pretrain the tiny ViT of ``configs/train/demo_cpu.yaml`` with DINOv2 (DINO + iBOT + KoLeo);
+3. evaluate its teacher backbone with the linear probe and k-NN, and the same architecture randomly initialised;
+4. print a comparison table and write ``<output-dir>/report.md`` (links to every sub-report).
+
+The images are synthetic phantoms, not patient data: the numbers show that the pipeline works and that
+pretraining learns something, nothing about clinical performance.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+DEMO_CONFIG = "train/demo_cpu.yaml"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dinov2-repro demo",
+        description="End-to-end demo on built-in synthetic brain-MRI phantoms: generate data, pretrain a tiny ViT "
+                    "(configs/train/demo_cpu.yaml), then linear probe + k-NN of the pretrained and of a randomly "
+                    "initialised backbone. No download; about 10 minutes on 2 CPU cores.")
+    parser.add_argument("--output-dir", default="demo_runs", help="everything goes here (default: demo_runs)")
+    parser.add_argument("--iterations", type=int, default=0,
+                        help="pretraining iterations (default: the config's; schedules are compressed to fit)")
+    parser.add_argument("--n-per-class", type=int, default=0,
+                        help="synthetic training images per class (default: the config's data.synthetic_n_per_class)")
+    parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
+    parser.add_argument("--config", default=None, help=f"pretraining preset (default configs/{DEMO_CONFIG})")
+    parser.add_argument("--probe-iterations", type=int, default=1000, help="linear-probe iterations per head grid")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="extra pretraining-config overrides, e.g. train.batch_size_per_gpu=16")
+    return parser
+
+
+def _banner(text: str) -> None:
+    print(f"\n=== {text} ===", flush=True)
+
+
+def pretrain_overrides(cfg_epochs: int, iterations: int, data_dir: Path, run_dir: Path, n_per_class: int,
+                       device: str, progress: bool) -> List[str]:
+    """Overrides of the demo preset: where data and run live, and a reduced budget when asked for.
+
+    A reduced budget shortens the "epoch" (``train.official_epoch_length``) so that warmups and schedules keep
+    their shape over the shorter run instead of being cut off.
+    """
+    overrides = [f"data.path={data_dir}", f"train.output_dir={run_dir}", f"data.synthetic_n_per_class={n_per_class}",
+                 f"compute.device={device}", f"logging.progress_bar={'true' if progress else 'false'}"]
+    if iterations > 0:
+        overrides += [f"train.max_iterations={iterations}",
+                      f"train.official_epoch_length={max(1, round(iterations / max(cfg_epochs, 1)))}"]
+    return overrides
+
+
+def _eval_config(mode: str, device: str, progress: bool, probe_iterations: int):
+    from .eval.config import default_preset, load_eval_config
+
+    overrides = [f"device={device}", f"progress={'true' if progress else 'false'}", "data.num_workers=0"]
+    if mode == "linear":
+        overrides.append(f"linear.iterations={probe_iterations}")
+    return load_eval_config(default_preset(mode), overrides)
+
+
+def comparison_rows(results: Dict[str, Dict[str, Dict[str, Any]]]) -> List[Dict[str, Any]]:
+    """One row per backbone: test and val accuracy of the linear probe and of k-NN, and what was selected."""
+    rows = []
+    for name, by_mode in results.items():
+        row: Dict[str, Any] = dict(backbone=name)
+        for mode, result in by_mode.items():
+            main = result["runs"][result["main_run"]]
+            row[f"{mode}_test_accuracy"] = main["test"]["accuracy"]
+            row[f"{mode}_balanced_accuracy"] = main["test"]["balanced_accuracy"]
+            row[f"{mode}_val_accuracy"] = main["selection"]["val_accuracy"]
+            row[f"{mode}_report"] = result["report"]
+            sel = main["selection"]
+            row[f"{mode}_selection"] = (f"{sel['features']} lr {sel['lr']:g}" if mode == "linear"
+                                        else f"k={sel['k']}")
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    header = f"{'backbone':<22}{'linear test':>12}{'linear val':>12}{'k-NN test':>12}{'k-NN val':>10}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        lines.append(f"{r['backbone']:<22}{r['linear_test_accuracy'] * 100:>11.1f}%{r['linear_val_accuracy'] * 100:>11.1f}%"
+                     f"{r['knn_test_accuracy'] * 100:>11.1f}%{r['knn_val_accuracy'] * 100:>9.1f}%")
+    return "\n".join(lines)
+
+
+def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str, Any], data: Dict[str, Any],
+                      timings: Dict[str, float], margin: Dict[str, float], run_dir: Path) -> None:
+    out = path.parent
+
+    def rel(p: str) -> str:
+        try:
+            return str(Path(p).resolve().relative_to(out.resolve()))
+        except ValueError:
+            return p
+
+    verdict = ("The pretrained backbone beats the random one on the linear probe by "
+               f"**{margin['linear'] * 100:+.1f} points** (k-NN: {margin['knn'] * 100:+.1f} points)."
+               if margin["linear"] > 0 else
+               f"**WARNING: the pretrained backbone does NOT beat the random one on the linear probe "
+               f"({margin['linear'] * 100:+.1f} points).** With the demo budget this points to a pretraining problem "
+               f"(collapse, schedules, augmentations): check `{rel(str(run_dir / 'train.log'))}` and "
+               f"`{rel(str(run_dir / 'loss_curves.png'))}`.")
+    lines = [
+        "# dinov2_repro demo: DINOv2 pretraining on synthetic brain-MRI phantoms", "",
+        "The images are procedurally generated phantoms (glioma, meningioma, notumor, pituitary), **not patient "
+        "data**: these numbers show that the pipeline runs end to end and that self-supervised pretraining learns "
+        "useful features; they say nothing about clinical performance.", "",
+        f"- Data: `{rel(data['path'])}`: {data['train']} train / {data['val']} val (held out of train) / "
+        f"{data['test']} test images",
+        f"- Pretraining: `{rel(str(run_dir))}`: {pretrain.get('iterations')} iterations, "
+        f"{pretrain.get('images_per_s') or 0:.1f} images/s, final total loss "
+        f"{pretrain.get('final_losses', {}).get('total_loss', float('nan')):.4f}",
+        f"- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), "",
+        "## Frozen-feature evaluation (test accuracy; choices made on the validation split)", "",
+        "| backbone | linear probe | k-NN | linear (val) | k-NN (val) | linear head | k | reports |",
+        "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['backbone']} | {r['linear_test_accuracy'] * 100:.1f}% | {r['knn_test_accuracy'] * 100:.1f}% "
+                     f"| {r['linear_val_accuracy'] * 100:.1f}% | {r['knn_val_accuracy'] * 100:.1f}% | "
+                     f"{r['linear_selection']} | {r['knn_selection']} | "
+                     f"[linear]({rel(r['linear_report'])}), [k-NN]({rel(r['knn_report'])}) |")
+    lines += ["", verdict, "",
+              "The random baseline is the same architecture with seeded random weights (`random:<run dir>`), "
+              "evaluated with exactly the same protocol, preprocessing and splits.", "",
+              f"![pretraining losses]({rel(str(run_dir / 'loss_curves.png'))})", ""]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the demo; returns 0 when it completed (a pretrained-vs-random shortfall is reported, not hidden)."""
+    from .config import ConfigError, configs_dir, load_config
+    from .data.synthetic import generate_dataset
+    from .eval.runner import evaluate
+    from .train.engine import train
+
+    args = build_parser().parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    progress = not args.no_progress
+    out = Path(args.output_dir)
+    data_dir, run_dir = out / "synthetic_brain_mri", out / "pretrain"
+    preset = Path(args.config) if args.config else configs_dir() / DEMO_CONFIG
+    timings: Dict[str, float] = {}
+    start = time.perf_counter()
+    try:
+        base_cfg = load_config(preset)
+        n_per_class = args.n_per_class or int(base_cfg.data.synthetic_n_per_class)
+        device = args.device
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        _banner(f"1/4 synthetic brain-MRI phantoms -> {data_dir}")
+        t = time.perf_counter()
+        # Same parameters as the training data loader uses, so it finds the folder complete.
+        summary = generate_dataset(data_dir, n_per_class=n_per_class, progress=progress)
+        print(f"{'already there' if summary['skipped'] else 'generated'}: {summary['n_images']} images", flush=True)
+        timings["data"] = time.perf_counter() - t
+
+        _banner(f"2/4 DINOv2 pretraining ({preset.name}) -> {run_dir}")
+        t = time.perf_counter()
+        cfg = load_config(preset, pretrain_overrides(int(base_cfg.optim.epochs), args.iterations, data_dir, run_dir,
+                                                     n_per_class, device, progress) + list(args.overrides))
+        pretrain = train(cfg, run_dir, resume=True)
+        print(f"pretraining done: {pretrain['iterations']} iterations, final losses "
+              f"{ {k: round(v, 4) for k, v in pretrain.get('final_losses', {}).items()} }", flush=True)
+        timings["pretraining"] = time.perf_counter() - t
+
+        _banner("3/4 linear probe and k-NN: pretrained vs randomly initialised backbone")
+        t = time.perf_counter()
+        results: Dict[str, Dict[str, Any]] = {}
+        for name, spec in (("pretrained (teacher)", str(run_dir)), ("random init", f"random:{run_dir}")):
+            results[name] = {}
+            for mode in ("linear", "knn"):
+                eval_cfg = _eval_config(mode, device, progress, args.probe_iterations)
+                tag = "pretrained" if name.startswith("pretrained") else "random"
+                print(f"--- {mode} on {name}", flush=True)
+                results[name][mode] = evaluate(mode, eval_cfg, data_dir, out / "eval" / tag / mode, spec=spec,
+                                               echo=False)
+        timings["evaluation"] = time.perf_counter() - t
+    except (ConfigError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        print(f"dinov2-repro demo: error: {exc}", file=sys.stderr)
+        return 2
+    timings["total"] = time.perf_counter() - start
+
+    _banner("4/4 comparison")
+    rows = comparison_rows(results)
+    pre, rnd = rows[0], rows[1]
+    margin = {mode: pre[f"{mode}_test_accuracy"] - rnd[f"{mode}_test_accuracy"] for mode in ("linear", "knn")}
+    any_result = results["pretrained (teacher)"]["linear"]
+    counts = any_result["data"]["counts"]
+    data = dict(path=str(data_dir), **{split: sum(counts[split].values()) for split in ("train", "val", "test")})
+    report = out / "report.md"
+    write_demo_report(report, rows, pretrain, data, timings, margin, run_dir)
+    (out / "demo_summary.json").write_text(json.dumps(dict(rows=rows, margin=margin, timings=timings,
+                                                           pretrain=pretrain, data=data), indent=2, default=str))
+    print(format_table(rows))
+    if margin["linear"] > 0:
+        print(f"\npretrained beats random on the linear probe by {margin['linear'] * 100:+.1f} points "
+              f"(k-NN {margin['knn'] * 100:+.1f})")
+    else:
+        print(f"\nWARNING: pretrained does NOT beat random on the linear probe ({margin['linear'] * 100:+.1f} points); "
+              f"see {run_dir / 'train.log'}")
+    print(f"total {timings['total']:.0f} s; report: {report}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,202 @@
+"""Train / val / test splits of a labelled dataset for evaluation.
+
+Layouts: the Kaggle one (``Training/<class>``, ``Testing/<class>``; also ``train``/``test``/``val`` folders), a
+single class folder (``<class>/*``), or a CSV manifest (``path,label[,split]``). Rules:
+
+- the validation split is always held out of the training split (stratified, seeded, 10% by default) unless a
+  separate validation split exists; every selection (learning rate, head, k, early stopping) uses it;
+- the test split is only used for the final report;
+- with no separate test split, a stratified test split is held out first, and the report says so.
+
+Class indices are shared by all splits (union of class names, sorted), so a split missing a class still lines up.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+TRAIN_NAMES = ("training", "train")
+VAL_NAMES = ("validation", "val", "valid")
+TEST_NAMES = ("testing", "test")
+
+
+@dataclass
+class EvalSplits:
+    """Datasets (``.samples`` = list of (path, label); images decoded on access) and how they were made."""
+
+    train: "object"
+    val: "object"
+    test: "object"
+    classes: List[str]
+    notes: List[str] = field(default_factory=list)
+    source: Dict[str, str] = field(default_factory=dict)  # split -> where it came from
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """Images per class in each split."""
+        out = {}
+        for name in ("train", "val", "test"):
+            labels = [y for _, y in getattr(self, name).samples]
+            out[name] = {c: labels.count(i) for i, c in enumerate(self.classes)}
+        return out
+
+    def describe(self) -> Dict[str, object]:
+        return dict(classes=self.classes, counts=self.counts(), notes=self.notes, source=self.source)
+
+
+def _dataset(samples: Sequence[Tuple[str, int]], classes: Sequence[str], root: str):
+    from ..data.datasets import ImageFileDataset
+
+    return ImageFileDataset(list(samples), list(classes), root)
+
+
+def _find_split(root: Path, wanted: str, names: Sequence[str]) -> Optional[str]:
+    """The sub-folder name for a split: ``wanted`` if given (must exist), else the first of ``names`` present."""
+    subdirs = {d.name.lower(): d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")}
+    if wanted:
+        if wanted.lower() not in subdirs:
+            raise FileNotFoundError(f"split folder {wanted!r} not found in {root} (sub-folders: {sorted(subdirs.values())})")
+        return subdirs[wanted.lower()]
+    for name in names:
+        if name in subdirs:
+            return subdirs[name]
+    return None
+
+
+def _relabel(samples_by_split: Dict[str, Tuple[List[Tuple[str, int]], List[str]]]):
+    """Per-split (samples, classes) -> shared sorted class list and samples relabelled to it."""
+    classes = sorted({c for _, split_classes in samples_by_split.values() for c in split_classes})
+    index = {c: i for i, c in enumerate(classes)}
+    out = {}
+    for split, (samples, split_classes) in samples_by_split.items():
+        out[split] = [(p, index[split_classes[y]]) for p, y in samples]
+    return out, classes
+
+
+def _folder_splits(root: Path, cfg) -> Tuple[Dict[str, List[Tuple[str, int]]], List[str], Dict[str, str]]:
+    from ..data.datasets import ClassFolderDataset
+
+    train_name = _find_split(root, cfg.train_split, TRAIN_NAMES)
+    if train_name is None:
+        if cfg.test_split or cfg.val_split:
+            raise FileNotFoundError(f"{root}: data.test_split/val_split given but there is no training split folder "
+                                    f"(one of {TRAIN_NAMES}, or set data.train_split)")
+        dataset = ClassFolderDataset(root)
+        return {"all": dataset.samples}, dataset.classes, {"all": str(root)}
+    found = {"train": train_name}
+    test_name = _find_split(root, cfg.test_split, TEST_NAMES)
+    val_name = _find_split(root, cfg.val_split, VAL_NAMES)
+    if test_name:
+        found["test"] = test_name
+    if val_name:
+        found["val"] = val_name
+    per_split = {}
+    for split, name in found.items():
+        dataset = ClassFolderDataset(root, split=name)
+        per_split[split] = (dataset.samples, dataset.classes)
+    samples, classes = _relabel(per_split)
+    return samples, classes, {split: str(root / name) for split, name in found.items()}
+
+
+def _csv_splits(csv_path: Path, cfg):
+    from ..data.datasets import CsvDataset
+
+    dataset = CsvDataset(csv_path)  # every row, labels from the whole file: indices shared by all splits
+    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
+        reader = csv.DictReader(handle)
+        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    if not dataset.classes:
+        raise ValueError(f"{csv_path}: no labels (column 'label' missing or empty); evaluation needs labels")
+    if "split" not in rows[0]:
+        if cfg.train_split or cfg.test_split or cfg.val_split:
+            raise ValueError(f"{csv_path}: data.*_split given but the CSV has no 'split' column")
+        return {"all": dataset.samples}, dataset.classes, {"all": str(csv_path)}
+    values = {r["split"] for r in rows}
+    lower = {v.lower(): v for v in values}
+
+    def pick(wanted: str, names: Sequence[str]) -> Optional[str]:
+        if wanted:
+            if wanted not in values:
+                raise ValueError(f"{csv_path}: column 'split' has no value {wanted!r} (values: {sorted(values)})")
+            return wanted
+        return next((lower[n] for n in names if n in lower), None)
+
+    found = {"train": pick(cfg.train_split, TRAIN_NAMES), "test": pick(cfg.test_split, TEST_NAMES),
+             "val": pick(cfg.val_split, VAL_NAMES)}
+    if found["train"] is None:
+        raise ValueError(f"{csv_path}: no training split in column 'split' (values: {sorted(values)}); "
+                         f"set data.train_split")
+    used = {v for v in found.values() if v}
+    unused = sorted(values - used)
+    samples = {split: [s for s, r in zip(dataset.samples, rows) if r["split"] == name]
+               for split, name in found.items() if name}
+    source = {split: f"{csv_path} (split={name})" for split, name in found.items() if name}
+    if unused:
+        source["ignored_split_values"] = ", ".join(unused)
+    return samples, dataset.classes, source
+
+
+def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
+    """Splits for ``data_path`` under the ``data`` section of the eval config (see module docstring)."""
+    from ..data.datasets import stratified_split
+
+    root = Path(data_path)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {root}: no such file or directory")
+    if root.suffix.lower() == ".csv":
+        samples, classes, source = _csv_splits(root, cfg)
+    else:
+        samples, classes, source = _folder_splits(root, cfg)
+    notes: List[str] = []
+    dropped = {split: sum(1 for _, y in s if y < 0) for split, s in samples.items()}
+    if any(dropped.values()):
+        notes.append(f"unlabelled rows left out: {dropped}")
+        samples = {split: [(p, y) for p, y in s if y >= 0] for split, s in samples.items()}
+    for split, split_samples in samples.items():
+        if not split_samples:
+            raise ValueError(f"--data {root}: split {split!r} ({source.get(split)}) has no labelled images")
+    root_str = str(root)
+    if "all" in samples:
+        everything = samples.pop("all")
+        labels = [y for _, y in everything]
+        rest_idx, test_idx = stratified_split(labels, cfg.test_fraction, seed=cfg.split_seed)
+        samples["train"] = [everything[i] for i in rest_idx]
+        samples["test"] = [everything[i] for i in test_idx]
+        source = {"train": source["all"], "test": source["all"]}
+        notes.append(f"No separate test split in {root}: held out {cfg.test_fraction:.0%} of each class "
+                     f"(stratified, seed {cfg.split_seed}) as the test split. Nothing is selected on it.")
+    if "test" not in samples:
+        train_all = samples["train"]
+        rest_idx, test_idx = stratified_split([y for _, y in train_all], cfg.test_fraction, seed=cfg.split_seed)
+        samples["train"] = [train_all[i] for i in rest_idx]
+        samples["test"] = [train_all[i] for i in test_idx]
+        notes.append(f"No test split found next to the training split: held out {cfg.test_fraction:.0%} of the "
+                     f"training split (stratified, seed {cfg.split_seed}) as the test split.")
+    if "val" not in samples:
+        train_all = samples["train"]
+        train_idx, val_idx = stratified_split([y for _, y in train_all], cfg.val_fraction, seed=cfg.split_seed)
+        samples["train"] = [train_all[i] for i in train_idx]
+        samples["val"] = [train_all[i] for i in val_idx]
+        source["val"] = (f"{cfg.val_fraction:.0%} of the training split held out per class "
+                         f"(stratified, seed {cfg.split_seed})")
+    overlap = {p for p, _ in samples["train"]} & {p for p, _ in samples["test"]}
+    if overlap:
+        raise ValueError(f"--data {root}: {len(overlap)} files are in both the training and the test split, "
+                         f"e.g. {sorted(overlap)[:3]}")
+    datasets = {name: _dataset(samples[name], classes, root_str) for name in ("train", "val", "test")}
+    return EvalSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"], classes=classes,
+                      notes=notes, source=source)
+
+
+def label_fraction_indices(labels: Sequence[int], fraction: float, seed: int):
+    """Stratified, seeded subset of the training labels for label-efficiency runs (all of them at 1.0)."""
+    import numpy as np
+
+    from ..data.datasets import stratified_subset
+
+    if fraction >= 1.0:
+        return np.arange(len(labels), dtype=np.int64)
+    return stratified_subset(labels, fraction, seed=seed)

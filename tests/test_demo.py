@@ -1,0 +1,38 @@
+"""Smoke run of `dinov2-repro demo` with a tiny budget: every stage runs and the report compares both backbones."""
+
+import json
+
+import pytest
+
+from dinov2_repro.demo import main, pretrain_overrides
+
+
+def test_reduced_budget_compresses_the_schedules():
+    overrides = pretrain_overrides(10, 40, "d", "r", 6, "cpu", False)
+    assert "train.max_iterations=40" in overrides and "train.official_epoch_length=4" in overrides
+    assert not any(o.startswith("train.max_iterations") for o in pretrain_overrides(10, 0, "d", "r", 6, "cpu", False))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_demo_smoke(tmp_path, capsys):
+    out = tmp_path / "demo"
+    rc = main(["--output-dir", str(out), "--iterations", "2", "--n-per-class", "4", "--no-progress",
+               "--probe-iterations", "20", "train.batch_size_per_gpu=4", "crops.local_crops_number=2",
+               "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256"])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "pretrained (teacher)" in printed and "random init" in printed and str(out / "report.md") in printed
+    assert (out / "pretrain" / "export" / "teacher_backbone.pth").is_file()
+    summary = json.loads((out / "demo_summary.json").read_text())
+    assert [r["backbone"] for r in summary["rows"]] == ["pretrained (teacher)", "random init"]
+    assert summary["pretrain"]["iterations"] == 2
+    assert summary["data"] == dict(path=str(out / "synthetic_brain_mri"), train=12, val=4, test=4)
+    margin = summary["margin"]["linear"]
+    pre, rnd = summary["rows"][0]["linear_test_accuracy"], summary["rows"][1]["linear_test_accuracy"]
+    assert margin == pytest.approx(pre - rnd)
+    report = (out / "report.md").read_text()
+    assert "not patient data" in report and "eval/pretrained/linear/report.md" in report
+    for tag in ("pretrained", "random"):
+        for mode in ("linear", "knn"):
+            assert (out / "eval" / tag / mode / "metrics.json").is_file()

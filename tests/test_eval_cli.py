@@ -1,0 +1,119 @@
+"""`dinov2-repro eval` end to end, in process, on tiny synthetic images whose intensity encodes the class."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2_repro.eval.backbone_spec import describe_module, load_backbone
+from dinov2_repro.eval.cli import main
+from dinov2_repro.eval.config import default_preset, load_eval_config
+from dinov2_repro.eval.runner import evaluate
+
+# LayerScale 1 (not the 1e-5 of training from scratch): a random CLS token then depends on the image
+TINY = "random:vit_small/8,embed_dim=32,depth=2,num_heads=2,img_size=32,init_values=1"
+LEVELS = (40, 110, 180)  # grey level of each class
+
+
+def make_dataset(root, n_train=12, n_test=4, size=36, seed=0):
+    rng = np.random.default_rng(seed)
+    for split, n in (("Training", n_train), ("Testing", n_test)):
+        for k, level in enumerate(LEVELS):
+            folder = root / split / f"class{k}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(level + rng.normal(0, 2, (size, size)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels, mode="L").save(folder / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("eval_cli") / "data")
+
+
+FAST = ["--no-progress", "data.num_workers=0", "data.dedup_test=true"]
+
+
+def test_linear_cli_writes_everything_and_separates_the_classes(data, tmp_path):
+    out = tmp_path / "linear"
+    rc = main(["linear", "--backbone", TINY, "--data", str(data), "--output-dir", str(out), *FAST,
+               "linear.iterations=60", "--train-fractions", "1.0,0.5", "--seeds", "0,1"])
+    assert rc == 0
+    for name in ("metrics.json", "report.md", "summary.json", "splits.json", "config.yaml", "eval.log",
+                 "confusion_matrix.png", "curves.png", "label_efficiency.png"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["summary"]) == {"1", "0.5"}
+    assert metrics["summary"]["0.5"]["n_train"] == 3 * round(0.5 * 11)  # 11 per class after the val hold-out
+    assert metrics["summary"]["1"]["accuracy"]["n"] == 2
+    main_run = metrics["runs"][metrics["main_run"]]
+    assert (main_run["fraction"], main_run["seed"]) == (1.0, 0)
+    assert main_run["test"]["accuracy"] == 1.0  # constant-intensity classes: trivially separable features
+    assert main_run["test"]["n_samples"] == 12 and metrics["data"]["counts"]["val"] == {
+        "class0": 1, "class1": 1, "class2": 1}
+    report = (out / "report.md").read_text()
+    assert "![Confusion matrix (test)](confusion_matrix.png)" in report and "± " in report
+    # a second run hits the feature cache
+    rc = main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "knn"),
+               "--cache-dir", str(out / "feature_cache"), *FAST])
+    assert rc == 0
+    assert "cache hit" in (tmp_path / "knn" / "eval.log").read_text()
+    knn = json.loads((tmp_path / "knn" / "metrics.json").read_text())
+    assert knn["runs"][0]["test"]["accuracy"] == 1.0
+    assert knn["runs"][0]["selection"]["ks"] == [10, 20, 33]  # 200 and 100 clipped to the 33 training images
+
+
+def test_errors_name_the_key_or_spec(data, tmp_path, capsys):
+    assert main(["linear", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path),
+                 "linear.lrs=[0.1]"]) == 2
+    assert "linear.lrs" in capsys.readouterr().err
+    assert main(["knn", "--backbone", "random:vit_nope/14", "--data", str(data), "--output-dir", str(tmp_path)]) == 2
+    assert "random:vit_nope/14" in capsys.readouterr().err
+    assert main(["knn", "--backbone", TINY, "--data", str(tmp_path / "missing"), "--output-dir", str(tmp_path)]) == 2
+    assert "missing" in capsys.readouterr().err
+
+
+class IntensityOneHot(torch.nn.Module):
+    """A stand-in backbone whose features are the one-hot of the class encoded by the image intensity."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        centres = (torch.tensor(LEVELS, dtype=torch.float32) / 255 - mean) / std
+        self.register_buffer("centres", centres)
+
+    def forward(self, x):
+        value = x[:, 0].mean(dim=(1, 2))
+        return torch.nn.functional.one_hot((value[:, None] - self.centres).abs().argmin(1), len(LEVELS)).float()
+
+
+@pytest.mark.parametrize("mode", ["linear", "knn"])
+def test_injected_backbone_with_perfect_features(data, tmp_path, mode):
+    cfg = load_eval_config(default_preset(mode), ["progress=false", "data.num_workers=0", "data.crop_size=32",
+                                                  "linear.iterations=100", "data.dedup_test=false"])
+    stub = IntensityOneHot(0.485, 0.229)
+    result = evaluate(mode, cfg, data, tmp_path / mode, backbone=(stub, describe_module(stub, "onehot")), echo=False)
+    main_run = result["runs"][result["main_run"]]
+    assert main_run["test"]["accuracy"] == 1.0 and main_run["val"]["accuracy"] == 1.0
+    assert main_run["test"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+
+
+def test_finetune_cli_checkpoints_the_best_model(data, tmp_path):
+    out = tmp_path / "ft"
+    rc = main(["finetune", "--backbone", TINY, "--data", str(data), "--output-dir", str(out), *FAST,
+               "finetune.epochs=2", "finetune.warmup_epochs=1", "finetune.batch_size=16", "finetune.lr=1e-3",
+               "data.batch_size=16"])
+    assert rc == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    run = metrics["runs"][0]
+    assert run["selection"]["epochs_run"] == 2 and len(run["curves"]["val_accuracy"]) == 2
+    assert run["selection"]["best_epoch"] in (1, 2)
+    assert (out / "curves.png").is_file() and (out / "confusion_matrix.png").is_file()
+    best = out / "runs" / "fraction1_seed0" / "best.pth"
+    model, info = load_backbone(str(best))  # the checkpoint is itself a SPEC
+    assert info["source"] == "finetuned" and info["num_heads"] == 2 and info["eval_img_size"] == 32
+    saved = torch.load(best, map_location="cpu", weights_only=False)
+    torch.testing.assert_close(model.state_dict()["norm.weight"], saved["backbone"]["norm.weight"])
+    assert saved["epoch"] == run["selection"]["best_epoch"]

@@ -1,0 +1,79 @@
+"""Evaluation splits: val held out of train, test untouched or held out (and said so), stratified label fractions."""
+
+from collections import Counter
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dinov2_repro.eval.splits import build_eval_splits, label_fraction_indices
+
+
+def data_cfg(**kw):
+    base = dict(train_split="", val_split="", test_split="", val_fraction=0.1, test_fraction=0.2, split_seed=0)
+    base.update(kw)
+    return SimpleNamespace(**base)
+
+
+def _write(folder, counts):
+    for name, n in counts.items():
+        (folder / name).mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            Image.fromarray(np.full((8, 8), i, dtype=np.uint8), mode="L").save(folder / name / f"{i}.png")
+
+
+def _per_class(dataset):
+    return Counter(dataset.classes[y] for _, y in dataset.samples)
+
+
+def test_kaggle_layout_keeps_testing_and_holds_val_out_of_training(tmp_path):
+    _write(tmp_path / "Training", {"glioma": 20, "notumor": 10, "pituitary": 30})
+    _write(tmp_path / "Testing", {"glioma": 3, "notumor": 2})  # a class missing from Testing still lines up
+    splits = build_eval_splits(tmp_path, data_cfg())
+    assert splits.classes == ["glioma", "notumor", "pituitary"]
+    assert _per_class(splits.val) == {"glioma": 2, "notumor": 1, "pituitary": 3}
+    assert _per_class(splits.train) == {"glioma": 18, "notumor": 9, "pituitary": 27}
+    assert all("Testing" in p for p, _ in splits.test.samples) and len(splits.test) == 5
+    assert {p for p, _ in splits.train.samples}.isdisjoint(p for p, _ in splits.val.samples)
+    assert splits.notes == []
+    assert [splits.classes[y] for p, y in splits.test.samples if "notumor" in p] == ["notumor"] * 2
+    again = build_eval_splits(tmp_path, data_cfg())
+    assert again.val.samples == splits.val.samples  # seeded
+    other = build_eval_splits(tmp_path, data_cfg(split_seed=1))
+    assert other.val.samples != splits.val.samples
+
+
+def test_class_folder_without_test_split_holds_one_out_and_says_so(tmp_path):
+    _write(tmp_path, {"a": 20, "b": 10})
+    splits = build_eval_splits(tmp_path, data_cfg())
+    assert _per_class(splits.test) == {"a": 4, "b": 2}
+    assert sum(len(getattr(splits, s)) for s in ("train", "val", "test")) == 30
+    paths = [set(p for p, _ in getattr(splits, s).samples) for s in ("train", "val", "test")]
+    assert not (paths[0] & paths[1] or paths[0] & paths[2] or paths[1] & paths[2])
+    assert len(splits.notes) == 1 and "No separate test split" in splits.notes[0]
+
+
+def test_csv_manifest_with_split_column(tmp_path):
+    _write(tmp_path / "img", {"x": 6, "y": 6})
+    rows = ["path,label,split"]
+    for c in "xy":
+        rows += [f"img/{c}/{i}.png,{c},{'test' if i < 2 else ('val' if i == 2 else 'train')}" for i in range(6)]
+    (tmp_path / "m.csv").write_text("\n".join(rows) + "\n")
+    splits = build_eval_splits(tmp_path / "m.csv", data_cfg())
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 2, 4)
+    assert splits.notes == []
+    with pytest.raises(ValueError, match="no value 'holdout'"):
+        build_eval_splits(tmp_path / "m.csv", data_cfg(test_split="holdout"))
+
+
+def test_label_fractions_are_stratified_seeded_and_nested():
+    labels = [0] * 40 + [1] * 20 + [2] * 8
+    quarter = label_fraction_indices(labels, 0.25, seed=0)
+    assert Counter(labels[i] for i in quarter) == {0: 10, 1: 5, 2: 2}
+    half = label_fraction_indices(labels, 0.5, seed=0)
+    assert set(quarter) <= set(half)  # same seed: the smaller subset is inside the larger
+    assert set(label_fraction_indices(labels, 0.25, seed=1)) != set(quarter)
+    assert list(label_fraction_indices(labels, 1.0, seed=3)) == list(range(68))
+    tiny = label_fraction_indices(labels, 0.01, seed=0)
+    assert Counter(labels[i] for i in tiny) == {0: 1, 1: 1, 2: 1}  # never drops a class
