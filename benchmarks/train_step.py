@@ -171,23 +171,6 @@ class _StudentForward(nn.Module):
         return tuple(v for v in out.values() if torch.is_tensor(v))
 
 
-@contextlib.contextmanager
-def _traceable_pos_embed(meta):
-    """jit tracing (fvcore) turns sizes into tensors, and the backbone's offset-style pos-embed resize
-    (`scale_factor=(h + offset) / M`) then fails inside F.interpolate. The size-style resize (offset 0) traces
-    fine and runs the same matmuls/convs/attention (only the resize of pos_embed differs, which fvcore does not
-    count), so counting temporarily switches to it and restores the value afterwards."""
-    backbones = [meta.student["backbone"], meta.teacher["backbone"]]
-    saved = [b.interpolate_offset for b in backbones]
-    try:
-        for b in backbones:
-            b.interpolate_offset = 0.0
-        yield
-    finally:
-        for b, value in zip(backbones, saved):
-            b.interpolate_offset = value
-
-
 def count_step_macs(meta, batch: Dict[str, Any], teacher_temp: float, counter: str = "fvcore") -> Dict[str, Any]:
     """MACs of the teacher forward and the student forward of `batch` (the real step's code), and the step total
     = teacher + FWD_BWD_FACTOR x student. Loss-centre buffers are restored, so counting leaves no trace."""
@@ -199,9 +182,8 @@ def count_step_macs(meta, batch: Dict[str, Any], teacher_temp: float, counter: s
     try:
         with torch.no_grad():
             if counter == "fvcore":
-                with _traceable_pos_embed(meta):
-                    t = count_macs_fvcore(teacher, inputs_t)
-                    s = count_macs_fvcore(student, inputs_s)
+                t = count_macs_fvcore(teacher, inputs_t)
+                s = count_macs_fvcore(student, inputs_s)
             else:
                 t = count_macs_torch(lambda: teacher(*inputs_t))
                 s = count_macs_torch(lambda: student(*inputs_s))

@@ -96,7 +96,7 @@ def test_step_flops_fvcore_equal_dispatcher_count_on_the_real_meta_arch():
     offsets = [meta.student["backbone"].interpolate_offset, meta.teacher["backbone"].interpolate_offset]
     fv = train_step.count_step_macs(meta, batch, 0.04, "fvcore")
     tc = train_step.count_step_macs(meta, batch, 0.04, "torch")
-    # Counting leaves no trace: loss centers and the pos-embed resize mode are restored.
+    # Counting leaves no trace: loss centers and backbone settings are unchanged.
     for k, v in meta.named_buffers():
         if k in centers:
             assert torch.equal(v, centers[k]), k

@@ -237,10 +237,12 @@ def init_distributed(env: DistEnv, backend: Optional[str] = None, device_type: O
     if device_type is None:
         device_type = "cuda" if torch.cuda.is_available() else "cpu"
     if device_type == "cuda":
-        if env.local_rank >= torch.cuda.device_count():
-            raise DistEnvError(f"local rank {env.local_rank} but only {torch.cuda.device_count()} CUDA devices "
+        n_devices = torch.cuda.device_count()
+        # Clusters that bind one GPU per task show each process a single device: use it.
+        if n_devices != 1 and env.local_rank >= n_devices:
+            raise DistEnvError(f"local rank {env.local_rank} but only {n_devices} CUDA devices "
                                "visible on this node (check CUDA_VISIBLE_DEVICES / --nproc-per-node)")
-        torch.cuda.set_device(env.local_rank)
+        torch.cuda.set_device(env.local_rank % n_devices)
     if not env.is_distributed:
         return None
     if dist.is_initialized():

@@ -56,7 +56,9 @@ def resize_pos_embed(pos_embed: Tensor, grid_h: int, grid_w: int, interpolate_of
     cls_pos = pos_embed[:, :1]
     patch_pos = pos_embed[:, 1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, M, M)
     if interpolate_offset:
-        resize = dict(scale_factor=((grid_h + interpolate_offset) / side, (grid_w + interpolate_offset) / side))
+        # float(): under jit tracing (fvcore) sizes are tensors, which F.interpolate's scale_factor rejects
+        resize = dict(scale_factor=(float(grid_h + interpolate_offset) / side,
+                                    float(grid_w + interpolate_offset) / side))
     else:
         resize = dict(size=(grid_h, grid_w))
     patch_pos = F.interpolate(patch_pos, mode="bicubic", antialias=interpolate_antialias, **resize)
