@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Sequence, Tuple
 
 from . import schema
 
@@ -94,19 +94,25 @@ def load_config(
     A resolved ``config.yaml`` saved in a run directory is a complete preset, so
     ``load_config(run_dir / "config.yaml")`` restarts that run from the file alone.
     """
+    defaults_path = Path(defaults_path) if defaults_path else default_config_path()
+    return load_structured(schema.SSLConfig, [defaults_path, preset_path], overrides, validate_config)
+
+
+def load_structured(schema_class, yaml_paths: Sequence[Optional[os.PathLike]], overrides: Sequence[str],
+                    validate: Callable) -> Any:
+    """Merge YAML files (None entries skipped) then overrides into `schema_class`, validate, make read-only.
+
+    `validate(cfg, sources)` receives the (source name, conf) pairs so that its errors can name the file.
+    """
     from omegaconf import OmegaConf
 
-    cfg = OmegaConf.structured(schema.SSLConfig)
-    sources: List[Tuple[str, Any]] = []
-    defaults_path = Path(defaults_path) if defaults_path else default_config_path()
-    sources.append((str(defaults_path), _read_yaml(defaults_path)))
-    if preset_path:
-        sources.append((str(preset_path), _read_yaml(Path(preset_path))))
+    cfg = OmegaConf.structured(schema_class)
+    sources: List[Tuple[str, Any]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths if p]
     if overrides:
         sources.append((COMMAND_LINE, _parse_overrides(overrides)))
     for source, conf in sources:
         cfg = _merge_into(cfg, conf, source)
-    validate_config(cfg, sources)
+    validate(cfg, sources)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ..config.loader import COMMAND_LINE, ConfigError, _merge_into, _parse_overrides, _read_yaml, _source_of
+from ..config.loader import ConfigError, _source_of, load_structured
 
 MODES = ("linear", "knn", "finetune")
 # The linear-probe learning-rate grid of the DINOv2 reference (before scaling by batch / 256).
@@ -116,19 +116,7 @@ def default_preset(mode: str) -> Path:
 
 def load_eval_config(preset_path: Optional[os.PathLike] = None, overrides: Sequence[str] = ()):
     """The validated, read-only eval config: schema <- preset <- ``key=value`` overrides."""
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.structured(EvalConfig)
-    sources: List[Tuple[str, Any]] = []
-    if preset_path:
-        sources.append((str(preset_path), _read_yaml(Path(preset_path))))
-    if overrides:
-        sources.append((COMMAND_LINE, _parse_overrides(overrides)))
-    for source, conf in sources:
-        cfg = _merge_into(cfg, conf, source)
-    validate_eval_config(cfg, sources)
-    OmegaConf.set_readonly(cfg, True)
-    return cfg
+    return load_structured(EvalConfig, [preset_path], overrides, validate_eval_config)
 
 
 def validate_eval_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
