@@ -132,24 +132,27 @@ def test_rank_slices_reassemble_the_global_batch():
         assert torch.allclose(per_image[has_mask], torch.ones(int(has_mask.sum())))
 
 
-def test_collapse_monitor_needs_both_signs_for_patience_iterations():
+def test_collapse_monitor_patience_and_both_kinds():
     from dinov2_repro.train.guards import CollapseMonitor
 
     monitor = CollapseMonitor(n_prototypes=64, patience=3, embed_dim=100)
     log_k = math.log(64)
-    # Uniform teacher alone (normal at initialisation) is not collapse.
-    assert monitor.update(0, log_k, 0.1) is None and monitor.streak == 0
-    # Near-zero entropy with spread-out features is not collapse either.
-    assert monitor.update(1, 0.0, 0.1) is None and monitor.streak == 0
+    # A sharp teacher with spread-out student features is healthy.
+    assert monitor.update(0, 0.0, 0.1) is None and monitor.streak == 0
+    # One prototype + coinciding features: warned once the streak reaches the patience, once per streak.
+    assert monitor.update(1, 0.01, 1e-4) is None
     assert monitor.update(2, 0.01, 1e-4) is None
-    assert monitor.update(3, 0.01, 1e-4) is None
-    message = monitor.update(4, 0.01, 1e-4)
-    assert message and "iteration 4" in message and "one prototype" in message
-    assert monitor.update(5, 0.01, 1e-4) is None  # warned once per streak
-    assert monitor.update(6, log_k, 0.5) is None and monitor.streak == 0  # recovered: re-armed
-    for it in range(7, 9):
-        assert monitor.update(it, log_k * 0.999, 1e-4) is None
-    assert "uniform" in monitor.update(9, log_k * 0.999, 1e-4)
+    message = monitor.update(3, 0.01, 1e-4)
+    assert message and "iteration 3" in message and "one prototype" in message
+    assert monitor.update(4, 0.01, 1e-4) is None
+    assert monitor.update(5, 0.5 * log_k, 0.5) is None and monitor.streak == 0  # recovered: re-armed
+    # A uniform teacher is a collapse even with spread-out features (the demo's case): the targets say nothing.
+    assert monitor.update(6, log_k * 0.999, 0.5) is None and monitor.streak == 1
+    assert monitor.update(7, log_k * 0.999, 0.5) is None
+    message = monitor.update(8, log_k * 0.999, 0.5)
+    assert message and "uniform" in message and "iteration 8" in message
+    # Just below the uniform threshold is not flagged.
+    assert monitor.update(9, 0.97 * log_k, 0.5) is None and monitor.streak == 0
 
 
 @pytest.mark.parametrize("overrides, device, world, source, key", [

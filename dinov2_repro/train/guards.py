@@ -6,9 +6,9 @@ last checkpoint stay those of the last good iteration. With ``skip_batch`` the u
 zeroed, no optimiser step, no EMA) and the skip is counted; with fp16 the grad scaler's own inf/NaN skips
 (a normal part of loss scaling) are not counted as errors.
 
-Collapse: DINO collapses either to one prototype (teacher entropy -> 0) or to the uniform distribution
-(entropy -> log K); in both cases the student's CLS features stop varying across images. `CollapseMonitor`
-warns when both signs persist for ``logging.collapse_patience_iterations`` iterations.
+Collapse: DINO collapses either to one prototype (teacher entropy -> 0, the student's CLS features stop
+varying) or to the uniform distribution (entropy -> log K: the targets carry no per-image signal).
+`CollapseMonitor` warns when either persists for ``logging.collapse_patience_iterations`` iterations.
 """
 
 from __future__ import annotations
@@ -43,10 +43,16 @@ def first_nonfinite(values: Mapping[str, float]) -> Optional[str]:
 class CollapseMonitor:
     """Counts consecutive iterations that look collapsed and returns a warning once the patience is reached.
 
-    Collapsed = teacher entropy below ``low_entropy_frac * log K`` or above ``high_entropy_frac * log K`` (K
-    prototypes) *and* a student CLS spread below ``min_std_frac / sqrt(D)``: the per-dimension std of
-    L2-normalised D-dim features is about 1/sqrt(D) when they are spread out, and 0 when they all coincide.
-    Either sign alone is normal (the teacher is near-uniform at initialisation).
+    Two collapses, K prototypes, D-dim student CLS:
+
+    * uniform: teacher entropy above ``high_entropy_frac * log K``. Every image's target is then the uniform
+      distribution and the DINO loss carries no per-image signal, *even if the student CLS tokens still differ*
+      (KoLeo and iBOT keep them apart while the head maps them all to one point: seen on the synthetic demo).
+    * one prototype: teacher entropy below ``low_entropy_frac * log K`` *and* a student CLS spread below
+      ``min_std_frac / sqrt(D)`` (the per-dimension std of L2-normalised features is about 1/sqrt(D) when they
+      are spread out, 0 when they coincide); a sharp teacher with spread features is healthy.
+
+    The teacher can be near-uniform for a while at initialisation, hence the patience.
     """
 
     n_prototypes: int
@@ -60,8 +66,10 @@ class CollapseMonitor:
 
     def looks_collapsed(self, teacher_entropy: float, student_cls_std: float) -> bool:
         log_k = math.log(self.n_prototypes)
-        extreme = teacher_entropy < self.low_entropy_frac * log_k or teacher_entropy > self.high_entropy_frac * log_k
-        return extreme and student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim)
+        if teacher_entropy > self.high_entropy_frac * log_k:
+            return True
+        return (teacher_entropy < self.low_entropy_frac * log_k
+                and student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim))
 
     def update(self, iteration: int, teacher_entropy: Optional[float],
                student_cls_std: Optional[float]) -> Optional[str]:
@@ -76,13 +84,16 @@ class CollapseMonitor:
             return None
         self.warned = True
         log_k = math.log(self.n_prototypes)
-        kind = ("concentrated on one prototype (entropy %.3f ~ 0)" % teacher_entropy
-                if teacher_entropy < self.low_entropy_frac * log_k
-                else "uniform (entropy %.3f ~ log K = %.3f)" % (teacher_entropy, log_k))
-        return (f"possible collapse at iteration {iteration}: teacher output is {kind} and student CLS std is "
-                f"{student_cls_std:.2e} for {self.streak} iterations. Small datasets usually need a higher "
-                "teacher momentum (teacher.momentum_teacher 0.996-0.9995), fewer prototypes "
-                "(dino.head_n_prototypes) or a lower lr.")
+        if teacher_entropy < self.low_entropy_frac * log_k:
+            kind = (f"concentrated on one prototype (entropy {teacher_entropy:.3f} ~ 0) and student CLS std is "
+                    f"{student_cls_std:.2e}")
+        else:
+            kind = (f"uniform (entropy {teacher_entropy:.3f} ~ log K = {log_k:.3f}), so the DINO loss carries no "
+                    f"per-image signal (student CLS std {student_cls_std:.2e})")
+        return (f"possible collapse at iteration {iteration}: teacher output is {kind} for {self.streak} "
+                "iterations. Small datasets usually need a higher teacher momentum (teacher.momentum_teacher "
+                "0.996-0.9995), fewer prototypes (dino.head_n_prototypes) or a lower lr; watch teacher_entropy "
+                "in metrics.jsonl.")
 
 
 def check_setup(cfg, device_type: str, world_size: int, dist_source: str) -> None:
