@@ -188,3 +188,29 @@ def test_gray_fast_path_equals_three_channel_computation():
                 assert torch.equal(x, y)
                 exact += 1
     assert exact >= 3
+
+
+@pytest.mark.parametrize("preset", ["dinov2", "mri"])
+def test_without_intensity_jitter_same_geometry_no_intensity_ops(preset):
+    from dinov2_repro.data.batched_augment import recipe_from_augmentation
+
+    kwargs = dict(local_crops_number=3, global_crops_size=16, local_crops_size=8, preset=preset)
+    full, light = MultiCropAugmentation(**kwargs), MultiCropAugmentation(**kwargs, intensity_jitter=False)
+    image = _image(40, 40)
+    n_intensity = 0
+    for seed in range(40):
+        trace_full, trace_light = [], []
+        full(image, generator=torch.Generator().manual_seed(seed), trace=trace_full)
+        light(image, generator=torch.Generator().manual_seed(seed), trace=trace_light)
+        same_draws = True  # until MRI noise consumes extra random numbers in the full pipeline
+        for a, b in zip(trace_full, trace_light):
+            if same_draws:  # same RNG draws: identical boxes, flips, blur and solarize decisions...
+                assert all(a[key] == b[key] for key in ("box", "flip", "blur", "solarize"))
+                n_intensity += a["jitter"]
+            # ...but never an intensity op, which the full pipeline does apply.
+            assert not b["jitter"] and not b.get("grayscale") and not b.get("gamma_applied") and not b.get("noise")
+            same_draws = same_draws and not a.get("noise")
+    assert n_intensity > 0
+    recipe = recipe_from_augmentation(light)  # the GPU path gets the same probabilities
+    assert recipe.jitter_p == recipe.grayscale_p == recipe.gamma_p == recipe.noise_p == 0.0
+    assert recipe_from_augmentation(full).jitter_p == 0.8

@@ -119,6 +119,7 @@ class DataConfig:
     split: str = ""  # e.g. "Training" for the Kaggle layout; "" = whole folder
     augmentation: str = "dinov2"  # "mri" drops hue/saturation jitter and adds gamma and noise
     blur_mode: str = "paper"  # "as_released" reproduces the released checkpoints' inverted blur
+    intensity_jitter: bool = True  # false: no colour jitter/grayscale (MRI: gamma/noise); crops, blur, solarize kept
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     num_workers: int = 10

@@ -140,7 +140,7 @@ class MultiCropAugmentation:
                  local_crops_scale: Sequence[float] = (0.05, 0.32), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96, patch_size: Optional[int] = None,
                  preset: str = "dinov2", blur_mode: str = "paper", mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD):
+                 std: Sequence[float] = IMAGENET_STD, intensity_jitter: bool = True):
         if preset not in PRESETS:
             raise ValueError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
         if blur_mode not in BLUR_PROBABILITIES:
@@ -158,6 +158,14 @@ class MultiCropAugmentation:
         self.preset = preset
         self.blur_mode = blur_mode
         self.blur_probabilities = BLUR_PROBABILITIES[blur_mode]
+        # intensity_jitter=False keeps the geometry, blur and solarize but drops the intensity ops (colour jitter,
+        # grayscale; MRI gamma and noise): on homogeneous data they can make two views of one image differ more
+        # than two images do, and DINO then collapses (docs/evaluation.md, the demo).
+        self.intensity_jitter = bool(intensity_jitter)
+        self.jitter_p = JITTER_P if intensity_jitter else 0.0
+        self.grayscale_p = GRAYSCALE_P if intensity_jitter else 0.0
+        self.gamma_p = MRI_GAMMA_P if intensity_jitter else 0.0
+        self.noise_p = MRI_NOISE_P if intensity_jitter else 0.0
         self.gray_fast_path = True  # tests switch it off to compare with the 3-channel computation
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -215,22 +223,22 @@ class MultiCropAugmentation:
             crop = F.horizontal_flip(crop)
         order = sorted(range(4), key=lambda i: u[k + 3 + i])  # a random permutation of the jitter ops
         if self.preset == "dinov2":
-            record["jitter"] = u[k + 1] < JITTER_P
+            record["jitter"] = u[k + 1] < self.jitter_p
             if record["jitter"]:
                 factors = self._jitter_factors(u[k + 7: k + 11])
                 record["jitter_factors"] = factors
                 crop = self._jitter(crop, factors, order)
-            record["grayscale"] = u[k + 2] < GRAYSCALE_P
+            record["grayscale"] = u[k + 2] < self.grayscale_p
             if record["grayscale"] and crop.shape[0] == 3:
                 crop = to_grayscale(crop).expand(3, -1, -1)
         else:
-            record["jitter"] = u[k + 1] < JITTER_P
+            record["jitter"] = u[k + 1] < self.jitter_p
             if record["jitter"]:
                 factors = self._jitter_factors(u[k + 7: k + 11])
                 factors = {"brightness": factors["brightness"], "contrast": factors["contrast"]}
                 record["jitter_factors"] = factors
                 crop = self._jitter(crop, factors, order)
-            record["gamma_applied"] = u[k + 2] < MRI_GAMMA_P
+            record["gamma_applied"] = u[k + 2] < self.gamma_p
             if record["gamma_applied"]:
                 lo, hi = math.log(MRI_GAMMA[0]), math.log(MRI_GAMMA[1])
                 record["gamma"] = math.exp(lo + (hi - lo) * u[k + 11])
@@ -244,7 +252,7 @@ class MultiCropAugmentation:
             crop = F.solarize(crop, threshold=SOLARIZE_THRESHOLD)
         out = crop.to(torch.float32).mul_(1.0 / 255.0)
         if self.preset == "mri":
-            record["noise"] = u[k + 15] < MRI_NOISE_P
+            record["noise"] = u[k + 15] < self.noise_p
             if record["noise"]:
                 sigma = MRI_NOISE_SIGMA[0] + (MRI_NOISE_SIGMA[1] - MRI_NOISE_SIGMA[0]) * u[k + 16]
                 record["noise_sigma"] = sigma
@@ -292,4 +300,5 @@ def build_multicrop_augmentation(cfg) -> MultiCropAugmentation:
         blur_mode=str(cfg.data.blur_mode),
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
+        intensity_jitter=bool(cfg.data.intensity_jitter),
     )

@@ -131,6 +131,10 @@ def recipe_from_augmentation(aug: "cpu_aug.MultiCropAugmentation") -> AugmentRec
         blur_probabilities=tuple(aug.blur_probabilities),
         mean=tuple(float(v) for v in aug.mean.flatten()),
         std=tuple(float(v) for v in aug.std.flatten()),
+        jitter_p=aug.jitter_p,
+        grayscale_p=aug.grayscale_p,
+        gamma_p=aug.gamma_p,
+        noise_p=aug.noise_p,
     )
 
 
