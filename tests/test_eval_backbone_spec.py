@@ -91,3 +91,25 @@ def test_bad_specs_name_the_spec(tmp_path):
     torch.save({"something": torch.zeros(1)}, tmp_path / "other.pth")
     with pytest.raises(BackboneSpecError, match="other.pth"):
         load_backbone(str(tmp_path / "other.pth"))
+
+
+def test_random_twin_starts_from_the_runs_layerscale_init(tmp_path):
+    # The baseline for "did pretraining help" is the run's own starting point: LayerScale gammas at the run's
+    # init (1e-5 in the recipe), not the 1.0 that hub weights are built with.
+    state = _tiny_state(4, init_values=0.5)  # trained gammas: anything but the init
+    run = tmp_path / "run"
+    (run / "export").mkdir(parents=True)
+    torch.save(state, run / "export" / "teacher_backbone.pth")
+    (run / "export" / "backbone.json").write_text(json.dumps(dict(
+        arch="vit_small", patch_size=8, img_size=32, embed_dim=32, depth=2, num_heads=4, layerscale=1e-5)))
+    loaded, _ = load_backbone(str(run))
+    twin, _ = load_backbone(f"random:{run}")
+    torch.testing.assert_close(loaded.state_dict()["blocks.0.ls1.gamma"], state["blocks.0.ls1.gamma"])
+    torch.testing.assert_close(twin.state_dict()["blocks.1.ls2.gamma"], torch.full((32,), 1e-5))
+
+    meta = {"config": {"student": {"num_heads": 4, "layerscale": 1e-3}}}
+    model_sd = {f"teacher.backbone.{k}": v for k, v in state.items()}
+    ckpt = tmp_path / "checkpoint_0000010.pth"
+    torch.save({"model": model_sd, "optimizer": {}, "meta": meta}, ckpt)
+    twin, _ = load_backbone(f"random:{ckpt}")
+    torch.testing.assert_close(twin.state_dict()["blocks.0.ls1.gamma"], torch.full((32,), 1e-3))

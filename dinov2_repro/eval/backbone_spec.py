@@ -12,7 +12,8 @@ Accepted SPECs (nothing is ever downloaded):
 - a local Hugging Face ``facebook/dinov2-*`` folder (``config.json`` + weights), converted by `models.convert`;
 - ``random:ARCH/PATCH[,key=value...]`` (``random:vit_small/14``, ``random:vit_small/8,embed_dim=32,depth=2,
   num_heads=2,img_size=32``), or ``random:<any SPEC above>``: the same architecture, randomly initialised
-  (seeded, so the baseline is reproducible).
+  (seeded, so the baseline is reproducible; for one of our runs with the run's LayerScale init, so it is the
+  network the run started from).
 
 `load_backbone` returns ``(model, info)``; ``info`` is a JSON-able dict with the architecture, where the weights
 came from, the input size and normalisation the backbone expects, and ``weights_sha1`` (a hash of every tensor,
@@ -234,6 +235,8 @@ def _from_export(export_dir: Path, spec: str, run_dir: Optional[Path]):
     for key in ("interpolate_offset", "interpolate_antialias"):
         if key in description:
             arch[key] = description[key]
+    if "layerscale" in description:  # the run's LayerScale init, so that random:<run> starts where the run did
+        arch["init_values"] = description["layerscale"] or None
     extra = dict(source="export", path=str(weights_path), arch_name=description.get("arch"))
     extra.update(_run_preprocessing(run_cfg))
     return state, arch, extra
@@ -259,6 +262,9 @@ def _from_training_checkpoint(ckpt_path: Path, spec: str, run_dir: Optional[Path
             value = OmegaConf.select(run_cfg, f"student.{key}")
             if value is not None:
                 arch[key] = value
+        layerscale = OmegaConf.select(run_cfg, "student.layerscale")
+        if layerscale is not None and "init_values" in arch and arch["init_values"] is not None:
+            arch["init_values"] = float(layerscale)  # random:<checkpoint> starts where the run did
     extra = dict(source="training_checkpoint", path=str(ckpt_path))
     extra.update(_run_preprocessing(run_cfg))
     return backbone, arch, extra
