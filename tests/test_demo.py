@@ -28,9 +28,12 @@ def test_demo_smoke(tmp_path, capsys):
     assert [r["backbone"] for r in summary["rows"]] == ["pretrained (teacher)", "random init"]
     assert summary["pretrain"]["iterations"] == 2
     assert summary["data"] == dict(path=str(out / "synthetic_brain_mri"), train=12, val=4, test=4)
-    margin = summary["margin"]["linear"]
+    linear = summary["comparison"]["linear"]
     pre, rnd = summary["rows"][0]["linear_test_accuracy"], summary["rows"][1]["linear_test_accuracy"]
-    assert margin == pytest.approx(pre - rnd)
+    assert linear["difference"] == pytest.approx(pre - rnd) and linear["n"] == 4
+    assert linear["low"] <= linear["difference"] <= linear["high"]
+    rows = (out / "eval" / "pretrained" / "linear" / "predictions.csv").read_text().splitlines()
+    assert rows[0] == "fraction,seed,path,label,predicted,correct" and len(rows) == 1 + 4
     report = (out / "report.md").read_text()
     assert "not patient data" in report and "eval/pretrained/linear/report.md" in report
     for tag in ("pretrained", "random"):

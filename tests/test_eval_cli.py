@@ -56,6 +56,14 @@ def test_linear_cli_writes_everything_and_separates_the_classes(data, tmp_path):
         "class0": 1, "class1": 1, "class2": 1}
     report = (out / "report.md").read_text()
     assert "![Confusion matrix (test)](confusion_matrix.png)" in report and "± " in report
+    # one predictions.csv row per (fraction, seed) run and test image, agreeing with each run's accuracy
+    rows = [line.split(",") for line in (out / "predictions.csv").read_text().splitlines()]
+    assert rows[0] == ["fraction", "seed", "path", "label", "predicted", "correct"] and len(rows) == 1 + 4 * 12
+    for run in metrics["runs"]:
+        mine = [r for r in rows[1:] if (float(r[0]), int(r[1])) == (run["fraction"], run["seed"])]
+        assert len(mine) == 12 and all(r[5] == str(int(r[3] == r[4])) for r in mine)
+        assert sum(int(r[5]) for r in mine) / 12 == pytest.approx(run["test"]["accuracy"])
+    assert "test_predictions" not in main_run  # kept out of metrics.json
     # a second run hits the feature cache
     rc = main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "knn"),
                "--cache-dir", str(out / "feature_cache"), *FAST])
@@ -98,6 +106,8 @@ def test_injected_backbone_with_perfect_features(data, tmp_path, mode):
     main_run = result["runs"][result["main_run"]]
     assert main_run["test"]["accuracy"] == 1.0 and main_run["val"]["accuracy"] == 1.0
     assert main_run["test"]["confusion_matrix"] == [[4, 0, 0], [0, 4, 0], [0, 0, 4]]
+    predictions = result["test_predictions"]  # returned for paired comparisons
+    assert len(predictions["paths"]) == 12 and predictions["predicted"] == predictions["labels"]
 
 
 def test_finetune_cli_checkpoints_the_best_model(data, tmp_path):

@@ -48,6 +48,27 @@ def _metrics_with_dedup(labels: torch.Tensor, probs: torch.Tensor, classes: Sequ
     return test, dedup
 
 
+def _predictions(paths: Sequence[str], labels: torch.Tensor, probs: torch.Tensor) -> Dict[str, list]:
+    """Per-image test predictions, kept so that two backbones can be compared image by image (paired)."""
+    return dict(paths=list(paths), labels=[int(y) for y in labels.tolist()],
+                predicted=[int(y) for y in probs.argmax(1).tolist()])
+
+
+def _write_predictions(path: Path, runs: List[Dict[str, Any]], predictions: List[Dict[str, list]],
+                       classes: Sequence[str]) -> None:
+    """``predictions.csv``: one row per (run, test image): fraction, seed, path, label, predicted, correct."""
+    import csv
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["fraction", "seed", "path", "label", "predicted", "correct"])
+        for run, pred in zip(runs, predictions):
+            for p, y, yhat in zip(pred["paths"], pred["labels"], pred["predicted"]):
+                writer.writerow([f"{run['fraction']:g}", run["seed"], p, classes[y], classes[yhat], int(y == yhat)])
+    tmp.replace(path)
+
+
 def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
                device: Any = "cpu", duplicate_paths: Optional[set] = None, progress: bool = False) -> Dict[str, Any]:
     """One linear-probe run: train every head on a subset of train, select on val, score the selected on test."""
@@ -71,7 +92,8 @@ def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fra
                        val_loss=float(probe.val_loss[c, i]), n_heads=len(probe.choices) * len(probe.learning_rates),
                        iterations=probe.iterations, table=probe.selection_table()),
         val=classification_metrics(features["val"].labels, val_probs.argmax(1), val_probs, classes),
-        test=test, test_dedup=dedup, curves=probe.curves, probe=probe)
+        test=test, test_dedup=dedup, curves=probe.curves, probe=probe,
+        test_predictions=_predictions(features["test"].paths, features["test"].labels, test_probs))
 
 
 def knn_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
@@ -96,7 +118,8 @@ def knn_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fracti
         selection=dict(k=k, temperature=float(cfg.knn.temperature), ks_requested=list(cfg.knn.ks), ks=ks,
                        val_accuracy=val_accuracy[k], val_accuracy_per_k=val_accuracy, backend=cfg.knn.backend),
         val=classification_metrics(features["val"].labels, val_probs[k].argmax(1), val_probs[k], classes),
-        test=test, test_dedup=dedup, curves={})
+        test=test, test_dedup=dedup, curves={},
+        test_predictions=_predictions(features["test"].paths, features["test"].labels, test_probs))
 
 
 def summarize(runs: List[Dict[str, Any]]) -> Dict[str, Dict[str, Any]]:
@@ -229,6 +252,8 @@ def evaluate(mode: str, cfg, data_path, output_dir, *, spec: Optional[str] = Non
                           max_distance=int(cfg.data.dedup_max_distance), duplicates=sorted(duplicate_paths))
         log(f"[data] {len(duplicate_paths)} of {len(splits.test)} test images have a near-duplicate in train/val "
             f"(difference hash within {cfg.data.dedup_max_distance} bits)")
+    predictions = [r.pop("test_predictions") for r in runs]  # in predictions.csv, not in metrics.json
+    _write_predictions(output_dir / "predictions.csv", runs, predictions, splits.classes)
     for r in runs:
         r.pop("probe", None)
         if skipped:
@@ -241,6 +266,7 @@ def evaluate(mode: str, cfg, data_path, output_dir, *, spec: Optional[str] = Non
         seeds=list(cfg.seeds), runs=runs, summary=summarize(runs), main_run=_main_run_index(runs, list(cfg.seeds)))
     report = write_report(output_dir, result)
     result["report"] = str(report)
+    result["test_predictions"] = predictions[result["main_run"]]  # returned for paired comparisons, not saved twice
     write_json(output_dir / "summary.json", dict(mode=mode, spec=info.get("spec"), summary=result["summary"],
                                                   main=_headline(result), report=str(report)))
     log(f"[{mode}] report: {report}")
@@ -291,7 +317,8 @@ def _finetune_runs(model, info, splits, cfg, output_dir: Path, *, device, crop, 
                                steps=out["steps"], checkpoint=out["checkpoint"], seconds=out["seconds"],
                                train_transform=out["train_transform"], n_skipped_train=out["n_skipped_train"]),
                 val=classification_metrics(val_labels, val_probs.argmax(1), val_probs, classes),
-                test=test, test_dedup=dedup, curves=out["curves"])
+                test=test, test_dedup=dedup, curves=out["curves"],
+                test_predictions=_predictions(scored["test"][2], scored["test"][1], scored["test"][0]))
             log(f"[finetune] fraction {fraction:g} seed {seed}: best epoch {out['best_epoch']}, val acc "
                 f"{out['val_accuracy']:.4f}, test acc {test['accuracy']:.4f}")
             runs.append(result)
