@@ -86,7 +86,7 @@ def test_lesions_sit_where_their_class_puts_them():
     yy, xx = np.mgrid[0:128, 0:128]
     for seed in range(6):
         healthy = renderer.render("notumor", np.random.default_rng(seed)).astype(int)
-        for label, (r_min, r_max) in (("glioma", (0.0, 0.75)), ("meningioma", (0.55, 1.1))):
+        for label, (r_min, r_max) in (("glioma", (0.0, 0.42)), ("meningioma", (0.45, 1.1))):
             changed = np.abs(renderer.render(label, np.random.default_rng(seed)).astype(int) - healthy) > 12
             assert 0.002 < changed.mean() < 0.35, (label, seed, changed.mean())
             cy, cx = yy[changed].mean(), xx[changed].mean()
@@ -99,3 +99,17 @@ def test_invalid_arguments():
         render_phantom("astrocytoma")
     with pytest.raises(ValueError, match="n_per_class"):
         generate_dataset("/nonexistent/never", n_per_class=0)
+
+
+def test_pretraining_config_sets_the_test_split_size(tmp_path):
+    # data.synthetic_n_test_per_class reaches the generator; pretraining itself reads only Training.
+    from dinov2_repro.config import configs_dir, load_config
+    from dinov2_repro.data.loaders import build_ssl_dataset
+
+    root = tmp_path / "s"
+    cfg = load_config(configs_dir() / "train" / "demo_cpu.yaml",
+                      [f"data.path={root}", "data.synthetic_n_per_class=3", "data.synthetic_n_test_per_class=2"])
+    dataset = build_ssl_dataset(cfg)
+    assert len(dataset) == 3 * len(CLASSES)
+    assert all(len(list((root / "Testing" / c).glob("*.png"))) == 2 for c in CLASSES)
+    assert json.loads((root / MARKER_FILE).read_text())["n_test_per_class"] == 2

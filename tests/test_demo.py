@@ -19,7 +19,8 @@ def test_demo_smoke(tmp_path, capsys):
     out = tmp_path / "demo"
     rc = main(["--output-dir", str(out), "--iterations", "2", "--n-per-class", "4", "--no-progress",
                "--probe-iterations", "20", "train.batch_size_per_gpu=4", "crops.local_crops_number=2",
-               "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256"])
+               "dino.head_n_prototypes=256", "ibot.head_n_prototypes=256",
+               "data.synthetic_n_test_per_class=1"])
     assert rc == 0
     printed = capsys.readouterr().out
     assert "pretrained (teacher)" in printed and "random init" in printed and str(out / "report.md") in printed

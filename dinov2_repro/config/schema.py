@@ -127,6 +127,7 @@ class DataConfig:
     persistent_workers: bool = True
     prefetch_factor: int = 2
     synthetic_n_per_class: int = 64  # used when kind == "synthetic" and the folder is missing
+    synthetic_n_test_per_class: Optional[int] = None  # Testing images per class; None = synthetic_n_per_class // 4
 
 
 @dataclass

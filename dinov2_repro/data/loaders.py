@@ -136,7 +136,8 @@ def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
 
 
 def build_image_dataset(path: str, kind: str = "auto", split: str = "", synthetic_n_per_class: int = 64,
-                        transform: Optional[Callable] = None) -> ImageFileDataset:
+                        transform: Optional[Callable] = None,
+                        synthetic_n_test_per_class: Optional[int] = None) -> ImageFileDataset:
     """The raw image dataset described by ``data.path/kind/split`` (no augmentation).
 
     ``kaggle`` (and ``synthetic``) with an empty split use ``Training``, so pretraining never sees the test
@@ -148,7 +149,7 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
     if kind == "synthetic":
         from .synthetic import generate_dataset
 
-        generate_dataset(path, n_per_class=synthetic_n_per_class)
+        generate_dataset(path, n_per_class=synthetic_n_per_class, n_test_per_class=synthetic_n_test_per_class)
         kind, split = "kaggle", split or "Training"
     if kind == "csv":
         return CsvDataset(path, split=split or None, transform=transform)
@@ -168,7 +169,8 @@ def build_ssl_dataset(cfg) -> MultiCropDataset:
     """The pretraining dataset of a config: ``data.path/kind/split`` images with the multi-crop augmentation of
     ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
     images = build_image_dataset(str(cfg.data.path), str(cfg.data.kind), str(cfg.data.split or ""),
-                                 int(cfg.data.synthetic_n_per_class))
+                                 int(cfg.data.synthetic_n_per_class),
+                                 synthetic_n_test_per_class=cfg.data.get("synthetic_n_test_per_class"))
     return MultiCropDataset(images, build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
 
 
