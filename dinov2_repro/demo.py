@@ -31,7 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iterations", type=int, default=0,
                         help="pretraining iterations (default: the config's; schedules are compressed to fit)")
     parser.add_argument("--n-per-class", type=int, default=0,
-                        help="synthetic training images per class (default: the config's data.synthetic_n_per_class)")
+                        help="synthetic training images per class (default: the config's data.synthetic_n_per_class; "
+                             "the test split size is data.synthetic_n_test_per_class)")
     parser.add_argument("--device", default="cpu", help="cpu (default) | cuda | auto")
     parser.add_argument("--config", default=None, help=f"pretraining preset (default configs/{DEMO_CONFIG})")
     parser.add_argument("--probe-iterations", type=int, default=1000, help="linear-probe iterations per head grid")
@@ -108,8 +109,8 @@ def verdict_text(comparison: Dict[str, Dict[str, Any]], train_log: str, loss_cur
         return f"The pretrained backbone beats the random one on the linear probe: **{interval(linear)}**.{tail}"
     what = ("is WORSE than" if linear["verdict"] == "worse" else "does NOT clearly beat")
     return (f"**WARNING: the pretrained backbone {what} the random one on the linear probe ({interval(linear)}).** "
-            f"Check the pretraining for collapse (`{train_log}`, `{loss_curves}`); docs/evaluation.md (Known "
-            f"problem) lists what is known about the demo's budget.{tail}")
+            f"Check the pretraining for collapse (`{train_log}`, `{loss_curves}`); docs/evaluation.md (\"The "
+            f"demo preset\") gives the margins measured over pretraining seeds.{tail}")
 
 
 def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str, Any], data: Dict[str, Any],
@@ -167,8 +168,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     timings: Dict[str, float] = {}
     start = time.perf_counter()
     try:
-        base_cfg = load_config(preset)
+        base_cfg = load_config(preset, list(args.overrides))
         n_per_class = args.n_per_class or int(base_cfg.data.synthetic_n_per_class)
+        n_test_per_class = base_cfg.data.synthetic_n_test_per_class
         device = args.device
         if device == "auto":
             import torch
@@ -178,7 +180,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         _banner(f"1/4 synthetic brain-MRI phantoms -> {data_dir}")
         t = time.perf_counter()
         # Same parameters as the training data loader uses, so it finds the folder complete.
-        summary = generate_dataset(data_dir, n_per_class=n_per_class, progress=progress)
+        summary = generate_dataset(data_dir, n_per_class=n_per_class, n_test_per_class=n_test_per_class,
+                                   progress=progress)
         print(f"{'already there' if summary['skipped'] else 'generated'}: {summary['n_images']} images", flush=True)
         timings["data"] = time.perf_counter() - t
 

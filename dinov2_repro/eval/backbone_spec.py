@@ -12,8 +12,8 @@ Accepted SPECs (nothing is ever downloaded):
 - a local Hugging Face ``facebook/dinov2-*`` folder (``config.json`` + weights), converted by `models.convert`;
 - ``random:ARCH/PATCH[,key=value...]`` (``random:vit_small/14``, ``random:vit_small/8,embed_dim=32,depth=2,
   num_heads=2,img_size=32``), or ``random:<any SPEC above>``: the same architecture, randomly initialised
-  (seeded, so the baseline is reproducible; for one of our runs with the run's LayerScale init, so it is the
-  network the run started from).
+  (with a fixed seed, so the baseline is reproducible and cacheable; for one of our runs with the run's LayerScale
+  init, so it is drawn the way the run's own start was, though not with the run's seed).
 
 `load_backbone` returns ``(model, info)``; ``info`` is a JSON-able dict with the architecture, where the weights
 came from, the input size and normalisation the backbone expects, and ``weights_sha1`` (a hash of every tensor,
