@@ -16,12 +16,9 @@ iBOT terms are checked by the loss tests instead (see docs/evaluation.md).
 
 Why not the demo preset's own short-run settings (LayerScale 1.0, teacher temperature 0.04, no intensity jitter):
 they were chosen on the phantoms, and at this test's budget they leave too little room over their own random twin
-(LayerScale 1.0 features already separate the toy shapes): 0.39 vs 0.37, measured 2026-11-23. The demo itself
-checks them, with a paired interval, on the phantoms.
+(LayerScale 1.0 features already separate the toy shapes): 0.39 vs 0.37, measured 2026-11-23. The demo reports on
+them, with a paired interval, on the phantoms.
 """
-
-# The recipe's settings, where the demo preset departs from them for its short phantom runs.
-RECIPE_INIT = ["student.layerscale=1e-5", "teacher.teacher_temp=0.07", "data.intensity_jitter=true"]
 
 import numpy as np
 import pytest
@@ -36,6 +33,9 @@ from dinov2_repro.eval.knn import knn_probabilities
 from dinov2_repro.train.engine import train
 
 CLASSES = ("disc", "square", "stripes", "ring")
+
+# The recipe's settings, where the demo preset departs from them for its short phantom runs.
+RECIPE_INIT = ["student.layerscale=1e-5", "teacher.teacher_temp=0.07", "data.intensity_jitter=true"]
 
 
 def toy_shape(label: str, rng: np.random.Generator, size: int = 64) -> np.ndarray:
