@@ -47,7 +47,7 @@ def test_pairs_are_aligned_by_path_not_by_order():
 
 def test_mismatched_sets_raise_naming_the_image():
     a = dict(paths=["x", "y"], labels=[0, 1], predicted=[0, 1])
-    with pytest.raises(ValueError, match="w"):
+    with pytest.raises(ValueError, match="2 differ, e.g. w"):
         paired_correctness(a, dict(paths=["x", "w"], labels=[0, 1], predicted=[0, 1]))
     with pytest.raises(ValueError, match="test image y has label 1"):
         paired_correctness(a, dict(paths=["x", "y"], labels=[0, 0], predicted=[0, 1]))

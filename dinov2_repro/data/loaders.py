@@ -170,7 +170,7 @@ def build_ssl_dataset(cfg) -> MultiCropDataset:
     ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
     images = build_image_dataset(str(cfg.data.path), str(cfg.data.kind), str(cfg.data.split or ""),
                                  int(cfg.data.synthetic_n_per_class),
-                                 synthetic_n_test_per_class=cfg.data.get("synthetic_n_test_per_class"))
+                                 synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class)
     return MultiCropDataset(images, build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
 
 

@@ -16,6 +16,15 @@ SUMMARY_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc
                    ("macro_roc_auc", "macro ROC-AUC"), ("dedup_accuracy", "acc. w/o near-dups"))
 
 
+def write_text(path: os.PathLike, text: str) -> None:
+    """Text, atomically: a reader never sees half a file, and a crash leaves the old one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def write_json(path: os.PathLike, obj: Any) -> None:
     """JSON, atomically (NaN written as null so every reader accepts the file)."""
     def clean(value):
@@ -27,11 +36,7 @@ def write_json(path: os.PathLike, obj: Any) -> None:
             return [clean(v) for v in value]
         return value
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(clean(obj), indent=2))
-    os.replace(tmp, path)
+    write_text(path, json.dumps(clean(obj), indent=2))
 
 
 def _figure(width: float, height: float, ncols: int = 1):

@@ -58,15 +58,17 @@ def _write_predictions(path: Path, runs: List[Dict[str, Any]], predictions: List
                        classes: Sequence[str]) -> None:
     """``predictions.csv``: one row per (run, test image): fraction, seed, path, label, predicted, correct."""
     import csv
+    import io
 
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["fraction", "seed", "path", "label", "predicted", "correct"])
-        for run, pred in zip(runs, predictions):
-            for p, y, yhat in zip(pred["paths"], pred["labels"], pred["predicted"]):
-                writer.writerow([f"{run['fraction']:g}", run["seed"], p, classes[y], classes[yhat], int(y == yhat)])
-    tmp.replace(path)
+    from .report import write_text
+
+    buffer = io.StringIO(newline="")
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["fraction", "seed", "path", "label", "predicted", "correct"])
+    for run, pred in zip(runs, predictions):
+        for p, y, yhat in zip(pred["paths"], pred["labels"], pred["predicted"]):
+            writer.writerow([f"{run['fraction']:g}", run["seed"], p, classes[y], classes[yhat], int(y == yhat)])
+    write_text(path, buffer.getvalue())
 
 
 def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
