@@ -144,6 +144,7 @@ def test_collapse_monitor_patience_and_both_kinds():
     assert monitor.update(2, 0.01, 1e-4) is None
     message = monitor.update(3, 0.01, 1e-4)
     assert message and "iteration 3" in message and "one prototype" in message
+    assert "train.centering=sinkhorn_knopp" in message  # the advice names the knob to turn
     assert monitor.update(4, 0.01, 1e-4) is None
     assert monitor.update(5, 0.5 * log_k, 0.5) is None and monitor.streak == 0  # recovered: re-armed
     # A uniform teacher is a collapse even with spread-out features (the demo's case): the targets say nothing.
@@ -151,6 +152,7 @@ def test_collapse_monitor_patience_and_both_kinds():
     assert monitor.update(7, log_k * 0.999, 0.5) is None
     message = monitor.update(8, log_k * 0.999, 0.5)
     assert message and "uniform" in message and "iteration 8" in message
+    assert "optim.scaling_rule=sqrt_wrt_1024" in message and "teacher.teacher_temp" in message
     # Just below the uniform threshold is not flagged.
     assert monitor.update(9, 0.97 * log_k, 0.5) is None and monitor.streak == 0
 

@@ -39,6 +39,16 @@ def first_nonfinite(values: Mapping[str, float]) -> Optional[str]:
     return None
 
 
+# What was measured to matter at small scale (docs/small_scale.md), most effective first.
+UNIFORM_ADVICE = (
+    "First the lr: below batch 1024 use optim.scaling_rule=sqrt_wrt_1024 (peak lr 0.004 x sqrt(batch / 1024)); "
+    "unscaled at batch 32 the features ended worse than random. If it persists, the views of one image may differ "
+    "more than two images do (milder crops.global_crops_scale, data.intensity_jitter=false for scans), or the run "
+    "is too short for the CLS signal of a random init to grow: a lower teacher.teacher_temp (0.02) sharpens it. "
+    "Teacher momentum, prototype count, Sinkhorn-Knopp, head size and the last-layer freeze did not help there. "
+    "When k-NN on the features still improves, iBOT and KoLeo are carrying the learning.")
+
+
 @dataclass
 class CollapseMonitor:
     """Counts consecutive iterations that look collapsed and returns a warning once the patience is reached.
@@ -87,13 +97,15 @@ class CollapseMonitor:
         if teacher_entropy < self.low_entropy_frac * log_k:
             kind = (f"concentrated on one prototype (entropy {teacher_entropy:.3f} ~ 0) and student CLS std is "
                     f"{student_cls_std:.2e}")
+            advice = ("Centering is losing: try train.centering=sinkhorn_knopp, a higher teacher.teacher_temp or a "
+                      "lower lr.")
         else:
             kind = (f"uniform (entropy {teacher_entropy:.3f} ~ log K = {log_k:.3f}), so the DINO loss carries no "
                     f"per-image signal (student CLS std {student_cls_std:.2e})")
+            advice = UNIFORM_ADVICE
         return (f"possible collapse at iteration {iteration}: teacher output is {kind} for {self.streak} "
-                "iterations. Small datasets usually need a higher teacher momentum (teacher.momentum_teacher "
-                "0.996-0.9995), fewer prototypes (dino.head_n_prototypes) or a lower lr; watch teacher_entropy "
-                "in metrics.jsonl.")
+                f"iterations. {advice} Watch teacher_entropy in metrics.jsonl; docs/small_scale.md explains the "
+                "signs.")
 
 
 def check_setup(cfg, device_type: str, world_size: int, dist_source: str) -> None:
