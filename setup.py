@@ -27,7 +27,8 @@ setup(
         "pillow",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image"],
+        "benchmarks": ["scikit-image"],  # benchmarks/learning.py's real-image sets
         "xformers": ["xformers"],
         "faiss": ["faiss-cpu"],
         "tensorboard": ["tensorboard"],

@@ -145,7 +145,10 @@ def build_set(name: str, cache: Path) -> Path:
             import shutil
 
             shutil.rmtree(root)
-        SETS[name]["make"](root)
+        try:
+            SETS[name]["make"](root)
+        except ImportError as exc:
+            raise SystemExit(f"set {name!r} needs {exc.name}: pip install -e '.[benchmarks]'") from exc
         marker.write_text("ok\n")
     return root
 
