@@ -7,6 +7,7 @@ iBOT masks: what multi-process equivalence tests need, independent of the data p
 """
 
 import itertools
+import json
 import math
 
 import pytest
@@ -246,3 +247,20 @@ def test_optional_backends_are_skipped_or_offline(tmp_path, caplog):
     # A resumed run drops the records after its checkpoint (they are recomputed).
     MetricsLogger(tmp_path, tiny_cfg(), is_main=True, start_iter=1, total_iters=3).close()
     assert [r["iteration"] for r in read_metrics(tmp_path / "metrics.jsonl")] == [1]
+
+
+def test_a_cut_last_metrics_line_is_dropped_with_a_warning_before_appending(tmp_path, caplog):
+    import logging
+
+    from dinov2_repro.train.metrics import MetricsLogger
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"iteration": 1, "total_loss": 2.0}\n{"iteration": 2, "total_lo')  # power cut mid-write
+    with caplog.at_level(logging.WARNING, logger="dinov2_repro.train"):
+        logger = MetricsLogger(tmp_path, tiny_cfg("logging.progress_bar=false"), is_main=True, start_iter=2,
+                               total_iters=3)
+    logger.log({"iteration": 3, "total_loss": 1.5})
+    logger.close()
+    assert "metrics.jsonl: dropping 1 unreadable line(s)" in caplog.text
+    # Every line parses and the new record was not glued onto the torn one.
+    assert [json.loads(line)["iteration"] for line in path.read_text().splitlines()] == [1, 3]

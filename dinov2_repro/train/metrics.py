@@ -69,12 +69,20 @@ class MetricsLogger:
             self._wandb = self._make_wandb(cfg)
 
     def _truncate_after(self, start_iter: int) -> None:
-        """On resume, drop records of iterations that will be recomputed (they happened after the checkpoint)."""
+        """On resume, drop records of iterations that will be recomputed (they happened after the checkpoint),
+        and a torn line (a run killed mid-write), which the next append would otherwise be glued onto."""
+        if not self.path.exists():
+            return
+        n_lines = len(self.path.read_text().splitlines())
         records = read_metrics(self.path)
+        if n_lines != len(records):
+            log.warning("%s: dropping %d unreadable line(s), most likely cut off when a run was killed",
+                        self.path, n_lines - len(records))
         kept = [r for r in records if r.get("iteration", 0) <= start_iter]
         if len(kept) != len(records):
             log.info("metrics.jsonl: dropping %d records after iteration %d (re-run after resume)",
                      len(records) - len(kept), start_iter)
+        if len(kept) != n_lines:
             tmp = self.path.with_suffix(".jsonl.tmp")
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, self.path)
