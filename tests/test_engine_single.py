@@ -205,3 +205,21 @@ def test_cli_trains_resumes_from_config_yaml_and_reports_errors(tmp_path, monkey
     _inject_nan(monkeypatch, {0})
     assert engine.main(["--output-dir", str(tmp_path / "nan"), *TINY]) == 1
     assert "koleo_loss" in capsys.readouterr().err
+
+
+def test_rerunning_a_finished_run_changes_nothing_and_says_so(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg("train.max_iterations=3")
+    first = train(cfg, run, data_loader_fn=FixedLoader())
+    files = ("summary.json", "metrics.jsonl", "export/teacher_backbone.pth", "checkpoints/checkpoint_0000003.pth")
+    before = {name: (run / name).read_bytes() for name in files}
+
+    again = train(cfg, run, data_loader_fn=FixedLoader())
+    assert again == json.loads(json.dumps(first))  # the finished run's own summary, not an empty one
+    assert again["final_losses"] and again["images_per_s"] > 0
+    assert {name: (run / name).read_bytes() for name in files} == before
+    assert "the run is complete (checkpoint at iteration 3 of 3)" in (run / "train.log").read_text()
+
+    # Extending the schedule continues the run.
+    longer = train(tiny_cfg("train.max_iterations=4"), run, data_loader_fn=FixedLoader())
+    assert longer["iterations"] == 4 and longer["start_iteration"] == 3

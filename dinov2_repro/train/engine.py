@@ -566,9 +566,13 @@ def _train(cfg, run_dir: Path, resume: bool, dist_env, data_loader_fn) -> Dict[s
     finally:
         metrics.close()
 
-    if start_iter >= total_iters:  # nothing left to train: still provide the export of the finished run
-        log.info("checkpoint is at iteration %d >= %d: nothing to train", start_iter, total_iters)
-        export_teacher_backbone(meta_arch, cfg, run_dir, start_iter, is_main)
+    if start_iter >= total_iters:  # a finished run: report it as it was, rewrite nothing
+        log.info("the run is complete (checkpoint at iteration %d of %d): nothing to train; raise optim.epochs or "
+                 "train.max_iterations to extend it", start_iter, total_iters)
+        previous = run_dir / "summary.json"
+        if previous.exists():
+            return json.loads(previous.read_text())
+        export_teacher_backbone(meta_arch, cfg, run_dir, start_iter, is_main)  # it stopped before its summary
     total_skipped, all_paths = _all_ranks_skipped(skipped)
     summary = {
         "iterations": max(start_iter, total_iters),
