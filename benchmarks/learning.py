@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -207,6 +208,12 @@ def training_signals(run_dir: Path, n_prototypes: int, warmup_iterations: int) -
                 log_k=log_k, engaged=engaged)
 
 
+def collapse_warnings(run_dir: Path) -> int:
+    """How many collapse warnings the run logged (guards.CollapseMonitor, in train.log)."""
+    log_path = run_dir / "train.log"
+    return log_path.read_text().count("possible collapse at iteration") if log_path.exists() else 0
+
+
 def features(spec: str, data: Path):
     from dinov2_repro.data.datasets import open_labeled_dataset
     from dinov2_repro.eval.backbone_spec import load_backbone
@@ -257,7 +264,7 @@ def run_one(set_name: str, seed: int, args, data: Path) -> Dict[str, Any]:
     signals = training_signals(run_dir, trained["n_prototypes"], trained["warmup_iterations"])
     pre, rnd = probe(str(run_dir), data), probe(f"random:{run_dir}", data)
     result = dict(set=set_name, seed=seed, pretrained=pre, random=rnd, seconds=trained["seconds"],
-                  collapse_warnings=trained["summary"].get("collapse_warnings"), **signals)
+                  collapse_warnings=collapse_warnings(run_dir), **signals)
     print(f"[{set_name} seed {seed}] linear {pre['linear']:.3f} vs random {rnd['linear']:.3f}; k-NN "
           f"{pre['knn']:.3f} vs {rnd['knn']:.3f}; entropy/logK after warm-up max "
           f"{signals['entropy_after_warmup_max']:.3f}; engaged {signals['engaged']}; {trained['seconds']:.0f} s",
@@ -334,8 +341,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         data = build_set(name, out / "sets")
         results += [run_one(name, seed, args, data) for seed in seeds]
     by_set = aggregate(results)
+    import torch
+
     meta = dict(date=time.strftime("%Y-%m-%d"), preset=args.preset, overrides=list(args.overrides), seeds=seeds,
-                machine=f"{platform.machine()} {platform.processor() or ''} {__import__('os').cpu_count()} cores",
+                machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, load average "
+                        f"{os.getloadavg()[0]:.1f} at the end",
                 command="python benchmarks/learning.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     out.mkdir(parents=True, exist_ok=True)
     (out / "learning.json").write_text(json.dumps(dict(meta=meta, sets=by_set, runs=results), indent=2))
