@@ -117,7 +117,7 @@ def load_structured(schema_class, yaml_paths: Sequence[Optional[os.PathLike]], o
     return cfg
 
 
-def _source_of(key: str, sources: Sequence[Tuple[str, Any]]) -> str:
+def source_of(key: str, sources: Sequence[Tuple[str, Any]]) -> str:
     """The last source that set ``key`` (where a bad value came from), else the schema default."""
     for source, conf in reversed(sources):
         if _lookup(conf, key) is not None:
@@ -130,7 +130,7 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
 
     def fail(key: str, message: str):
         value = _lookup(cfg, key)
-        raise ConfigError(f"{_source_of(key, sources)}: '{key}' = {value!r}: {message}")
+        raise ConfigError(f"{source_of(key, sources)}: '{key}' = {value!r}: {message}")
 
     def one_of(key: str, choices: Iterable[str]):
         if _lookup(cfg, key) not in choices:
@@ -169,7 +169,7 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
         size = _lookup(cfg, key)
         if size < patch or size % patch:
             fail(key, f"must be a positive multiple of student.patch_size = {patch} (set in "
-                      f"{_source_of('student.patch_size', sources)}), e.g. {max(1, round(size / patch)) * patch}")
+                      f"{source_of('student.patch_size', sources)}), e.g. {max(1, round(size / patch)) * patch}")
     pair("crops.global_crops_scale", 0.0, 1.0)
     pair("crops.local_crops_scale", 0.0, 1.0)
     pair("ibot.mask_ratio_min_max", 0.0, 1.0)

@@ -39,8 +39,8 @@ BLUR_KERNEL, BLUR_SIGMA = 9, (0.1, 2.0)
 MRI_GAMMA, MRI_GAMMA_P = (0.7, 1.5), 0.8
 MRI_NOISE_SIGMA, MRI_NOISE_P = (0.005, 0.03), 0.5
 CROP_RATIO = (3.0 / 4.0, 4.0 / 3.0)
-_CROP_ATTEMPTS = 10
-_DRAWS_PER_CROP = 4 * _CROP_ATTEMPTS + 24
+CROP_ATTEMPTS = 10
+DRAWS_PER_CROP = 4 * CROP_ATTEMPTS + 24
 
 
 def check_crop_sizes(global_crops_size: int, local_crops_size: int, patch_size: Optional[int]) -> None:
@@ -60,7 +60,7 @@ def sample_crop_box(height: int, width: int, scale: Sequence[float], uniforms: S
     area ~ U(scale) and log-uniform aspect ratio, then a centred fallback) with the randomness passed in."""
     area = height * width
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
-    for attempt in range(_CROP_ATTEMPTS):
+    for attempt in range(CROP_ATTEMPTS):
         u_area, u_ratio, u_top, u_left = uniforms[4 * attempt: 4 * attempt + 4]
         target = area * (scale[0] + (scale[1] - scale[0]) * u_area)
         aspect = math.exp(log_lo + (log_hi - log_lo) * u_ratio)
@@ -211,8 +211,8 @@ class MultiCropAugmentation:
         from torchvision.transforms.v2 import functional as F
 
         # One RNG call per crop; consumed in a fixed order so a crop's draws never depend on earlier outcomes.
-        u = torch.rand(_DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
-        k = 4 * _CROP_ATTEMPTS
+        u = torch.rand(DRAWS_PER_CROP, generator=generator, dtype=torch.float64).tolist()
+        k = 4 * CROP_ATTEMPTS
         record: dict = {"crop": name}
         top, left, h, w = sample_crop_box(image.shape[-2], image.shape[-1], scale, u[:k])
         crop = F.resized_crop(image, top, left, h, w, [size, size],

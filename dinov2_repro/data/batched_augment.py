@@ -50,8 +50,8 @@ JITTER_OP_NAMES = ("brightness", "contrast", "saturation", "hue")
 MAX_SUPERSAMPLE = 4
 
 # Layout of one crop's uniforms, mirroring augmentations.MultiCropAugmentation._view.
-CROP_ATTEMPTS = cpu_aug._CROP_ATTEMPTS
-DRAWS_PER_CROP = cpu_aug._DRAWS_PER_CROP
+CROP_ATTEMPTS = cpu_aug.CROP_ATTEMPTS
+DRAWS_PER_CROP = cpu_aug.DRAWS_PER_CROP
 _K = 4 * CROP_ATTEMPTS  # attempts use u[4a : 4a + 4] = (area, log-aspect, top, left)
 U_FLIP, U_JITTER, U_GRAY_OR_GAMMA = _K, _K + 1, _K + 2
 U_ORDER = slice(_K + 3, _K + 7)  # argsort = random permutation of the four jitter ops
@@ -577,11 +577,11 @@ class DeviceAugmentCollate:
     def __call__(self, samples: Sequence[Any]) -> Dict[str, Any]:
         import numpy as np
 
-        from .collate import _unpack, collate_data_and_cast, mask_rng_for_positions
+        from .collate import unpack_sample, collate_data_and_cast, mask_rng_for_positions
 
         kept, placeholders, positions = [], [], []
         for sample in samples:
-            draws, _, position = _unpack(sample)
+            draws, _, position = unpack_sample(sample)
             positions.append(position)
             if draws is not None:
                 kept.append(draws)

@@ -24,7 +24,7 @@ from .masking import MaskingGenerator
 _MASK_STREAM = 0x6D61736B  # separates the mask RNG stream from the augmentation stream of the same positions
 
 
-def _unpack(sample) -> Tuple[Optional[dict], Optional[str], Optional[int]]:
+def unpack_sample(sample) -> Tuple[Optional[dict], Optional[str], Optional[int]]:
     """(crops, path, stream position) from a `MultiCropDataset` dict, a ``(crops, label)`` tuple or None."""
     if sample is None:
         return None, None, None
@@ -51,7 +51,7 @@ def collate_data_and_cast(samples_list: Sequence[Any], mask_ratio_tuple: Sequenc
     """
     kept, skipped_paths, n_skipped = [], [], 0
     for sample in samples_list:
-        crops, path, _ = _unpack(sample)
+        crops, path, _ = unpack_sample(sample)
         if crops is None:
             n_skipped += 1
             if path is not None:
@@ -128,7 +128,7 @@ class SSLCollate:
         self.local_crops_size = int(local_crops_size)
 
     def __call__(self, samples_list: Sequence[Any]) -> Dict[str, Any]:
-        positions = [_unpack(s)[2] for s in samples_list]
+        positions = [unpack_sample(s)[2] for s in samples_list]
         rng = None
         if positions and all(p is not None for p in positions):
             rng = mask_rng_for_positions(self.seed, positions)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
-from ..config.loader import ConfigError, _source_of, load_structured
+from ..config.loader import ConfigError, source_of, load_structured
 
 MODES = ("linear", "knn", "finetune")
 # The linear-probe learning-rate grid of the DINOv2 reference (before scaling by batch / 256).
@@ -127,7 +127,7 @@ def validate_eval_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
         return OmegaConf.select(cfg, key)
 
     def fail(key: str, message: str):
-        raise ConfigError(f"{_source_of(key, sources)}: '{key}' = {value(key)!r}: {message}")
+        raise ConfigError(f"{source_of(key, sources)}: '{key}' = {value(key)!r}: {message}")
 
     def check(key: str, ok: bool, message: str):
         if not ok:

@@ -109,7 +109,7 @@ class FeatureSet:
 
 
 # ------------------------------------------------------------------------------------------------ extraction
-class _IndexedImages(torch.utils.data.Dataset):
+class IndexedImages(torch.utils.data.Dataset):
     """(index, transformed image or None, label[, difference hash]): keeps outputs aligned with the image list when
     some images cannot be decoded. The hash (see `dedup`) is computed from the decoded image, saving a second pass."""
 
@@ -131,7 +131,7 @@ class _IndexedImages(torch.utils.data.Dataset):
         return index, self.transform(image), label, None
 
 
-def _collate_indexed(batch):
+def collate_indexed(batch):
     """-> (dataset indices, images, labels, failed indices) or, with hashes, a 5th entry (N, bits)."""
     kept = [b for b in batch if b[1] is not None]
     failed = [b[0] for b in batch if b[1] is None]
@@ -188,9 +188,9 @@ def extract_features(model, dataset, transform, *, n_last_blocks: int = 4, batch
                      desc: str = "features") -> FeatureSet:
     """Run the frozen ``model`` over ``dataset`` (an `ImageFileDataset`) and gather a `FeatureSet`."""
     device = torch.device(device)
-    loader = torch.utils.data.DataLoader(_IndexedImages(dataset, transform, with_hash=True), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(IndexedImages(dataset, transform, with_hash=True), batch_size=batch_size,
                                          shuffle=False, num_workers=loader_workers(num_workers, len(dataset), batch_size),
-                                         collate_fn=_collate_indexed, pin_memory=device.type == "cuda")
+                                         collate_fn=collate_indexed, pin_memory=device.type == "cuda")
     iterator = loader
     if progress:
         from tqdm import tqdm

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import EvalTransform, _collate_indexed, _IndexedImages, autocast_context, loader_workers
+from .features import EvalTransform, collate_indexed, IndexedImages, autocast_context, loader_workers
 
 
 class TrainTransform:
@@ -112,10 +112,10 @@ def build_param_groups(model: FinetuneClassifier, layer_decay: float) -> List[Di
     return fuse_params_groups(groups)
 
 
-def _loader(dataset, transform, batch_size: int, shuffle: bool, num_workers: int, seed: int, device):
+def image_loader(dataset, transform, batch_size: int, shuffle: bool, num_workers: int, seed: int, device):
     return torch.utils.data.DataLoader(
-        _IndexedImages(dataset, transform), batch_size=batch_size, shuffle=shuffle, drop_last=False,
-        num_workers=loader_workers(num_workers, len(dataset), batch_size), collate_fn=_collate_indexed,
+        IndexedImages(dataset, transform), batch_size=batch_size, shuffle=shuffle, drop_last=False,
+        num_workers=loader_workers(num_workers, len(dataset), batch_size), collate_fn=collate_indexed,
         pin_memory=torch.device(device).type == "cuda", generator=torch.Generator().manual_seed(seed))
 
 
@@ -161,8 +161,8 @@ def run_finetune(backbone: nn.Module, info: Dict[str, Any], train_set, val_set, 
     train_tf = TrainTransform(crop_size, mean, std, cfg.train_crop, cfg.rrc_scale, cfg.hflip, cfg.intensity_jitter)
     eval_tf = EvalTransform(resize_size, crop_size, mean, std)
     batch_size = min(int(cfg.batch_size), len(train_set))
-    train_loader = _loader(train_set, train_tf, batch_size, True, num_workers, seed, device)
-    val_loader = _loader(val_set, eval_tf, batch_size_eval, False, num_workers, seed, device)
+    train_loader = image_loader(train_set, train_tf, batch_size, True, num_workers, seed, device)
+    val_loader = image_loader(val_set, eval_tf, batch_size_eval, False, num_workers, seed, device)
 
     from .linear import scaled_lr
 

@@ -286,7 +286,7 @@ def _headline(result: Dict[str, Any]) -> Dict[str, Any]:
 def _finetune_runs(model, info, splits, cfg, output_dir: Path, *, device, crop, resize, mean, std, duplicate_paths,
                    log) -> Tuple[List[Dict[str, Any]], List[str]]:
     from ..data.datasets import ImageFileDataset
-    from .finetune import _loader, predict, run_finetune
+    from .finetune import image_loader, predict, run_finetune
     from .splits import label_fraction_indices
 
     classes = splits.classes
@@ -304,7 +304,7 @@ def _finetune_runs(model, info, splits, cfg, output_dir: Path, *, device, crop, 
             scored = {}
             for name in ("val", "test"):
                 dataset = getattr(splits, name)
-                loader = _loader(dataset, out["eval_transform"], int(cfg.data.batch_size), False,
+                loader = image_loader(dataset, out["eval_transform"], int(cfg.data.batch_size), False,
                                  int(cfg.data.num_workers), int(seed), device)
                 probs, labels, kept, failed = predict(out["model"], loader, device, cfg.finetune.precision)
                 skipped.update(dataset.samples[i][0] for i in failed)
