@@ -10,6 +10,7 @@ cannot be decoded; that is announced once per path with ``warnings.warn`` and th
 from __future__ import annotations
 
 import csv
+import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -306,3 +307,20 @@ def stratified_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> 
     keep = [perm[:max(1, int(round(len(perm) * fraction)))]
             for _, perm in sorted(_per_class_permutations(labels, seed).items())]
     return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def loader_workers(requested: int, n_images: int, batch_size: int) -> int:
+    """Worker processes for a loader: none for a handful of batches, where starting them costs more than decoding."""
+    return int(requested) if n_images >= 4 * batch_size else 0
+
+
+def image_list_sha1(samples: Sequence[Tuple[str, int]]) -> str:
+    """Hash of (path, label, size, mtime) for every sample, in order: a changed or replaced file changes it."""
+    digest = hashlib.sha1()
+    for path, label in samples:
+        try:
+            stat = os.stat(path)
+            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+        except OSError:
+            digest.update(f"{path}|{label}|missing\n".encode())
+    return digest.hexdigest()

@@ -19,6 +19,8 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from ..data.datasets import image_list_sha1, loader_workers
+
 
 HASH_SIDE = 16  # bits = HASH_SIDE ** 2
 HASH_MARGIN = 2.0  # grey levels (0..255)
@@ -48,8 +50,6 @@ class _HashImages(torch.utils.data.Dataset):
 
 def image_hashes(dataset, num_workers: int = 0, progress: bool = False, desc: str = "hashes") -> Tuple[Tensor, Tensor]:
     """(bits (N, 256) bool, decodable (N,) bool) for every image of an `ImageFileDataset`, in order."""
-    from .features import loader_workers
-
     loader = torch.utils.data.DataLoader(_HashImages(dataset), batch_size=64,
                                          num_workers=loader_workers(num_workers, len(dataset), 64))
     if progress:
@@ -63,8 +63,6 @@ def image_hashes(dataset, num_workers: int = 0, progress: bool = False, desc: st
 def cached_image_hashes(dataset, cache_dir: os.PathLike | str, split: str, num_workers: int = 0,
                         progress: bool = False) -> Tuple[Tensor, Tensor]:
     """`image_hashes` cached under ``cache_dir``, keyed by the image list (paths, labels, sizes, mtimes)."""
-    from .features import image_list_sha1
-
     key = image_list_sha1(dataset.samples)
     path = Path(cache_dir) / f"dhash_{split}_{key[:20]}.pt"
     if path.is_file():

@@ -23,6 +23,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from ..data.datasets import image_list_sha1, loader_workers
+from .dedup import difference_hash
+
 CACHE_VERSION = 2
 
 
@@ -125,8 +128,6 @@ class IndexedImages(torch.utils.data.Dataset):
         if image is None:
             return index, None, label, None
         if self.with_hash:
-            from .dedup import difference_hash
-
             return index, self.transform(image), label, difference_hash(image)
         return index, self.transform(image), label, None
 
@@ -142,11 +143,6 @@ def collate_indexed(batch):
     labels = torch.tensor([b[2] for b in kept])
     hashes = torch.stack([b[3] for b in kept]) if kept[0][3] is not None else None
     return index, images, labels, failed, hashes
-
-
-def loader_workers(requested: int, n_images: int, batch_size: int) -> int:
-    """Worker processes for a loader: none for a handful of batches, where starting them costs more than decoding."""
-    return int(requested) if n_images >= 4 * batch_size else 0
 
 
 def effective_precision(device: Any, precision: str) -> str:
@@ -219,18 +215,6 @@ def extract_features(model, dataset, transform, *, n_last_blocks: int = 4, batch
 
 
 # ------------------------------------------------------------------------------------------------ cache
-def image_list_sha1(samples: Sequence[Tuple[str, int]]) -> str:
-    """Hash of (path, label, size, mtime) for every sample, in order: a changed or replaced file changes it."""
-    digest = hashlib.sha1()
-    for path, label in samples:
-        try:
-            stat = os.stat(path)
-            digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-        except OSError:
-            digest.update(f"{path}|{label}|missing\n".encode())
-    return digest.hexdigest()
-
-
 def feature_cache_key(info: Dict[str, Any], transform, samples, n_last_blocks: int, precision: str) -> Dict[str, Any]:
     """Everything the features depend on, as a JSON-able dict (hashed to name the cache file)."""
     backbone = {k: info.get(k) for k in ("weights_sha1", "patch_size", "img_size", "num_register_tokens",

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .features import EvalTransform, collate_indexed, IndexedImages, autocast_context, loader_workers
+from ..data.datasets import loader_workers
+from .features import EvalTransform, IndexedImages, autocast_context, collate_indexed
 
 
 class TrainTransform:
