@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "eval": ("dinov2_repro.eval.cli", "linear probe, k-NN or fine-tuning of a backbone on labelled images"),
     "data": ("dinov2_repro.data.cli", "synthetic brain-MRI data (synth) and dataset mean/std (stats)"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),
-    "submit": ("dinov2_repro.submit", "submit training or evaluation to SLURM through submitit"),
+    "submit": ("dinov2_repro.distributed.submit", "submit training or evaluation to SLURM through submitit"),
 }
 
 USAGE = "usage: dinov2-repro <command> [options]   (dinov2-repro <command> --help for details)"

@@ -4,7 +4,7 @@
     python launch/submit.py --nodes 1 --gpus-per-node 8 --partition gpu --time 24:00:00 \
         -- --config configs/train/vitb14_8gpu.yaml data.path=/datasets/brain_mri
 
-Run `python launch/submit.py --help` for the options; the code lives in `dinov2_repro/submit.py`.
+Run `python launch/submit.py --help` for the options; the code lives in `dinov2_repro/distributed/submit.py`.
 """
 
 import os
@@ -17,6 +17,6 @@ if __name__ == "__main__":
     repo = str(Path(__file__).resolve().parents[1])
     sys.path.insert(0, repo)
     os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH", "")) if p)
-    from dinov2_repro.submit import main
+    from dinov2_repro.distributed.submit import main
 
     raise SystemExit(main())

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dinov2_repro import submit as S
+from dinov2_repro.distributed import submit as S
 
 REPO = Path(__file__).resolve().parents[1]
 
