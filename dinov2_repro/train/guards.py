@@ -42,11 +42,12 @@ def first_nonfinite(values: Mapping[str, float]) -> Optional[str]:
 # What was measured to matter at small scale (docs/small_scale.md), most effective first.
 UNIFORM_ADVICE = (
     "First the lr: below batch 1024 use optim.scaling_rule=sqrt_wrt_1024 (peak lr 0.004 x sqrt(batch / 1024)); "
-    "unscaled at batch 32 the features ended worse than random. If it persists, the views of one image may differ "
-    "more than two images do (milder crops.global_crops_scale, data.intensity_jitter=false for scans), or the run "
-    "is too short for the CLS signal of a random init to grow: a lower teacher.teacher_temp (0.02) sharpens it. "
-    "Teacher momentum, prototype count, Sinkhorn-Knopp, head size and the last-layer freeze did not help there. "
-    "When k-NN on the features still improves, iBOT and KoLeo are carrying the learning.")
+    "unscaled at batch 32 the features ended worse than random. Short runs from a random init can stay uniform "
+    "even then, because a random network's CLS signal is weak and differs between views of one image: a lower "
+    "teacher.teacher_temp (0.02) sharpens it, and on scans data.intensity_jitter=false kept two views of one "
+    "image closer than two images. Teacher momentum, prototype count, Sinkhorn-Knopp, the head and the "
+    "last-layer freeze did not help in those runs. When k-NN on the features still improves, iBOT and KoLeo are "
+    "carrying the learning.")
 
 
 @dataclass
