@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 
@@ -242,6 +242,7 @@ def probe(spec: str, data: Path) -> Dict[str, float]:
     (x_train, y_train), (x_test, y_test) = feats["Training"], feats["Testing"]
     x_train = x_train / np.linalg.norm(x_train, axis=1, keepdims=True).clip(1e-12)
     x_test = x_test / np.linalg.norm(x_test, axis=1, keepdims=True).clip(1e-12)
+
     def logreg(clf) -> float:
         return float((clf.fit(x_train, y_train).predict(x_test) == y_test).mean())
 
