@@ -19,7 +19,7 @@ regression on them (C = 1, as the issue that asked for this script measured) and
 (their CLS tokens differ little in angle, and standardising blows those small differences up). It also reads the
 run's metrics: DINO teacher entropy over training (as a fraction of log K) and which loss terms engaged.
 
-    python benchmarks/learning.py                                   # 3 sets x 3 seeds, ~1 h on 2 CPU cores
+    python benchmarks/learning.py                                   # 3 sets x 3 seeds, about 50 min on 2 CPU cores
     python benchmarks/learning.py --sets digits --seeds 0 optim.base_lr=0.004 optim.scaling_rule=none
 
 Writes ``<out>/learning.json`` and ``<out>/learning.md`` (default out: ``benchmark_runs/learning``).
