@@ -31,11 +31,14 @@ def peak_memory_mb(device_type: str) -> float:
 
 def read_metrics(path: os.PathLike) -> List[dict]:
     """All records of a ``metrics.jsonl`` (a torn last line from a killed run is ignored)."""
-    records = []
     path = Path(path)
-    if not path.exists():
-        return records
-    for line in path.read_text().splitlines():
+    return parse_metrics_lines(path.read_text().splitlines()) if path.exists() else []
+
+
+def parse_metrics_lines(lines: List[str]) -> List[dict]:
+    """The records of JSONL lines, skipping any that do not parse (a line cut off by a killed run)."""
+    records = []
+    for line in lines:
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError:
@@ -73,8 +76,8 @@ class MetricsLogger:
         and a torn line (a run killed mid-write), which the next append would otherwise be glued onto."""
         if not self.path.exists():
             return
-        n_lines = len(self.path.read_text().splitlines())
-        records = read_metrics(self.path)
+        lines = self.path.read_text().splitlines()
+        n_lines, records = len(lines), parse_metrics_lines(lines)
         if n_lines != len(records):
             log.warning("%s: dropping %d unreadable line(s), most likely cut off when a run was killed",
                         self.path, n_lines - len(records))
