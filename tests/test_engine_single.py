@@ -223,3 +223,25 @@ def test_rerunning_a_finished_run_changes_nothing_and_says_so(tmp_path):
     # Extending the schedule continues the run.
     longer = train(tiny_cfg("train.max_iterations=4"), run, data_loader_fn=FixedLoader())
     assert longer["iterations"] == 4 and longer["start_iteration"] == 3
+
+
+def test_a_cut_off_latest_checkpoint_falls_back_to_the_newest_loadable_one(tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny_cfg("train.max_iterations=6", "checkpoint.period_iterations=2")
+    uninterrupted = train(cfg, run, data_loader_fn=FixedLoader())
+    latest = run / "checkpoints" / "checkpoint_0000006.pth"
+    latest.write_bytes(latest.read_bytes()[: latest.stat().st_size // 2])  # a copy cut off half-way
+    (run / "summary.json").unlink()  # as if the run had died while writing its last checkpoint
+
+    resumed = train(cfg, run, data_loader_fn=FixedLoader())
+    assert "checkpoint_0000006.pth cannot be loaded" in (run / "train.log").read_text()
+    assert resumed["start_iteration"] == 4 and resumed["iterations"] == 6
+    # Redoing iterations 5-6 from checkpoint 4 gives exactly the uninterrupted run.
+    assert resumed["final_losses"] == pytest.approx(uninterrupted["final_losses"], rel=1e-6)
+
+    # When nothing loads: one error naming every checkpoint, newest first.
+    for path in ckpt.list_checkpoints(run):
+        path.write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="checkpoint_0000006.pth .*checkpoint_0000004.pth"):
+        train(tiny_cfg("train.max_iterations=8", "checkpoint.period_iterations=2"), run,
+              data_loader_fn=FixedLoader())

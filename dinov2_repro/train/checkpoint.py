@@ -210,6 +210,30 @@ def _is_sharded(model) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+class CheckpointError(RuntimeError):
+    """No checkpoint of a run directory can be loaded; the message names each one and why."""
+
+
+def load_newest_loadable(run_dir: os.PathLike, model, optimizer, scaler=None):
+    """Load the checkpoint ``latest`` names; when it cannot be read (cut off by a full disk or a killed copy),
+    warn naming it and fall back to the next older one. Returns ``(path, meta)``, or ``(None, {})`` for a fresh
+    run; raises `CheckpointError` when none loads."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return None, {}
+    ordered = list_checkpoints(run_dir)
+    older = ordered[:ordered.index(latest)][::-1] if latest in ordered else []
+    failures = []
+    for path in [latest, *older]:
+        try:
+            return path, load_checkpoint(path, model, optimizer, scaler)
+        except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
+            failures.append(f"{path.name} ({type(error).__name__}: {error})")
+            log.warning("checkpoint %s cannot be loaded (%s: %s)%s", path, type(error).__name__, error,
+                        "; trying the next older one" if path is not (older or [latest])[-1] else "")
+    raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} can be loaded: {'; '.join(failures)}")
+
+
 def load_checkpoint(path: os.PathLike, model, optimizer, scaler=None) -> Dict[str, Any]:
     """Load model, optimizer and grad-scaler state from ``path`` (file or DCP folder) into the live objects.
 

@@ -457,7 +457,7 @@ def _train(cfg, run_dir: Path, resume: bool, dist_env, data_loader_fn) -> Dict[s
                                 "skipped_paths": []}
     meta: Dict[str, Any] = {}
     if latest is not None:
-        meta = ckpt.load_checkpoint(latest, meta_arch, optimizer, scaler)
+        latest, meta = ckpt.load_newest_loadable(run_dir, meta_arch, optimizer, scaler)
         start_iter = int(meta["iteration"])
         counters.update(meta.get("counters", {}))
         if meta.get("global_batch") not in (None, global_batch):
@@ -647,13 +647,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from dinov2_repro.config import ConfigError, load_config
     from dinov2_repro.distributed.env import DistEnvError
 
+    from .checkpoint import CheckpointError
     from .guards import NonFiniteLossError
 
     args = build_parser().parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
         cfg = load_config(args.config, args.overrides)
         train(cfg, output_dir=args.output_dir, resume=args.resume)
-    except (ConfigError, DistEnvError, FileNotFoundError) as error:
+    except (ConfigError, DistEnvError, FileNotFoundError, CheckpointError) as error:
         print(f"dinov2-repro train: error: {error}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
