@@ -245,3 +245,18 @@ def test_a_cut_off_latest_checkpoint_falls_back_to_the_newest_loadable_one(tmp_p
     with pytest.raises(ckpt.CheckpointError, match="checkpoint_0000006.pth .*checkpoint_0000004.pth"):
         train(tiny_cfg("train.max_iterations=8", "checkpoint.period_iterations=2"), run,
               data_loader_fn=FixedLoader())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_dataset_without_a_readable_image_is_one_line_naming_files(tmp_path, capsys, workers):
+    folder = tmp_path / "data" / "Training" / "a"
+    folder.mkdir(parents=True)
+    for i in range(5):
+        (folder / f"x{i}.png").write_text("not an image")
+    status = engine.main(["--output-dir", str(tmp_path / "run"), *TINY, *real_data(tmp_path / "data"),
+                          f"data.num_workers={workers}", "data.persistent_workers=false"])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert status == 2
+    assert error.startswith("dinov2-repro train: error: none of the 4 images of a batch could be decoded "
+                            "(")
+    assert f"{folder}/x" in error and "Traceback" not in error  # names files of the dataset

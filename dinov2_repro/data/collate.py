@@ -34,6 +34,10 @@ def unpack_sample(sample) -> Tuple[Optional[dict], Optional[str], Optional[int]]
     return crops, None, None
 
 
+class UndecodableBatchError(RuntimeError):
+    """Every sample of a batch failed to decode: most often a dataset without one readable image."""
+
+
 def mask_rng_for_positions(seed: int, positions: Sequence[int]) -> np.random.Generator:
     """The mask RNG of a batch: a function of the run seed and the stream positions of its samples only."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), _MASK_STREAM, *map(int, positions)]))
@@ -59,7 +63,10 @@ def collate_data_and_cast(samples_list: Sequence[Any], mask_ratio_tuple: Sequenc
         else:
             kept.append(crops)
     if not kept:
-        raise RuntimeError(f"every sample of this batch ({n_skipped}) could not be decoded: {skipped_paths}")
+        distinct = sorted(set(skipped_paths))
+        raise UndecodableBatchError(
+            f"none of the {n_skipped} images of a batch could be decoded ({len(distinct)} distinct files, e.g. "
+            f"{', '.join(distinct[:3]) or 'no paths given'}); check that the dataset holds readable images")
     n_global = len(kept[0]["global_crops"])
     n_local = len(kept[0]["local_crops"])
     global_crops = torch.stack([s["global_crops"][i] for i in range(n_global) for s in kept])

@@ -645,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """CLI entry point; returns the process exit status (0 ok, 1 non-finite loss, 2 bad config/environment)."""
     from dinov2_repro.config import ConfigError, load_config
+    from dinov2_repro.data.collate import UndecodableBatchError
     from dinov2_repro.distributed.env import DistEnvError
 
     from .checkpoint import CheckpointError
@@ -656,6 +657,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         train(cfg, output_dir=args.output_dir, resume=args.resume)
     except (ConfigError, DistEnvError, FileNotFoundError, CheckpointError) as error:
         print(f"dinov2-repro train: error: {error}", file=sys.stderr)
+        return 2
+    except UndecodableBatchError as error:  # from a loader worker the message carries its traceback: last line
+        message = str(error).strip().splitlines()[-1].split("UndecodableBatchError: ", 1)[-1]
+        print(f"dinov2-repro train: error: {message}", file=sys.stderr)
         return 2
     except NonFiniteLossError as error:
         print(f"dinov2-repro train: {error}", file=sys.stderr)
