@@ -223,14 +223,14 @@ def load_newest_loadable(run_dir: os.PathLike, model, optimizer, scaler=None):
         return None, {}
     ordered = list_checkpoints(run_dir)
     older = ordered[:ordered.index(latest)][::-1] if latest in ordered else []
-    failures = []
-    for path in [latest, *older]:
+    candidates, failures = [latest, *older], []
+    for i, path in enumerate(candidates):
         try:
             return path, load_checkpoint(path, model, optimizer, scaler)
         except Exception as error:  # torch raises RuntimeError, EOFError, UnpicklingError... for a damaged file
             failures.append(f"{path.name} ({type(error).__name__}: {error})")
             log.warning("checkpoint %s cannot be loaded (%s: %s)%s", path, type(error).__name__, error,
-                        "; trying the next older one" if path is not (older or [latest])[-1] else "")
+                        "; trying the next older one" if i + 1 < len(candidates) else "")
     raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} can be loaded: {'; '.join(failures)}")
 
 
