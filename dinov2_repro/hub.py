@@ -12,13 +12,12 @@ The original weights resize pos_embed with "offset 0.1, scale factor"; the *_reg
 from __future__ import annotations
 
 import os
-import warnings
-from typing import Any, Dict, Mapping, Union
+from typing import Any, Dict, Union
 
 import torch
 
-from .models.convert import hub_layout_from_training_checkpoint
-from .models.vision_transformer import DinoVisionTransformer, build_backbone, resize_pos_embed
+from .models.vision_transformer import DinoVisionTransformer, build_backbone
+from .models.weights import backbone_state, fit_pos_embed, load_strict, read_weights_file
 
 HUB_BASE_URL = "https://dl.fbaipublicfiles.com/dinov2"
 PUBLISHED_IMG_SIZE = 518  # the published weights were trained at 518 px: pos_embed has 1 + 37 * 37 rows
@@ -48,12 +47,12 @@ def hub_weights_url(arch: str, patch_size: int = 14, num_register_tokens: int = 
     return f"{HUB_BASE_URL}/{base}/{hub_model_name(arch, patch_size, num_register_tokens)}_pretrain.pth"
 
 
-def _download_or_cached(url: str) -> Dict[str, torch.Tensor]:
+def _download_or_cached(url: str) -> Any:
     file_name = os.path.basename(url)
     cache_dir = os.path.join(torch.hub.get_dir(), "checkpoints")
     cached = os.path.join(cache_dir, file_name)
     if os.path.isfile(cached):
-        return torch.load(cached, map_location="cpu", weights_only=True)
+        return read_weights_file(cached)
     try:
         return torch.hub.load_state_dict_from_url(url, map_location="cpu", file_name=file_name, weights_only=True)
     except Exception as error:  # no network, proxy, HTTP error, truncated download ...
@@ -64,50 +63,20 @@ def _download_or_cached(url: str) -> Dict[str, torch.Tensor]:
         ) from error
 
 
-def _backbone_state_dict(obj: Any, source: str) -> Dict[str, torch.Tensor]:
-    """A hub-layout state dict from what torch.load returned: a hub-layout dict, a training state dict with
-    `teacher.backbone.*` keys, or a checkpoint holding such a dict under "model"."""
-    if isinstance(obj, Mapping) and "model" in obj and isinstance(obj["model"], Mapping):
-        obj = obj["model"]
-    if not isinstance(obj, Mapping):
-        raise TypeError(f"{source}: expected a state dict, got {type(obj).__name__}")
-    if any(isinstance(k, str) and k.startswith("teacher.backbone.") for k in obj):
-        return hub_layout_from_training_checkpoint(obj)
-    return dict(obj)
-
-
-def _fit_pos_embed(model: DinoVisionTransformer, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    # A model built with another img_size (e.g. 224 instead of 518) has a smaller pos_embed: resize the
-    # checkpoint's with the model's own interpolation, which is what its forward pass would do at that size.
-    pos_embed = state_dict.get("pos_embed")
-    if pos_embed is None or pos_embed.shape == model.pos_embed.shape:
-        return
-    grid_h, grid_w = model.patch_embed.patches_resolution
-    resized = resize_pos_embed(pos_embed, grid_h, grid_w, model.interpolate_offset, model.interpolate_antialias)
-    warnings.warn(
-        f"{source}: pos_embed {tuple(pos_embed.shape)} resized to {tuple(resized.shape)} for img_size "
-        f"{grid_h * model.patch_size}; inputs of other sizes are resized from this grid, not from the original one",
-        stacklevel=3,
-    )
-    state_dict["pos_embed"] = resized.to(pos_embed.dtype)
-
-
 def load_pretrained(model: DinoVisionTransformer, pretrained: Pretrained, url: str) -> DinoVisionTransformer:
-    """Load `pretrained` (True: the published weights at `url`; a path: a local file) into `model`, strictly."""
+    """Load `pretrained` (True: the published weights at `url`; a path: a local file) into `model`, strictly.
+
+    A path may hold a hub-layout state dict or anything `models.weights.backbone_state` reads (our exports,
+    ``teacher.backbone.*`` state dicts, compiled or DDP-wrapped keys)."""
     if pretrained is True:
         source = os.path.basename(url)
         loaded = _download_or_cached(url)
     else:
         source = os.fspath(pretrained)
-        if not os.path.isfile(source):
-            raise FileNotFoundError(f"pretrained weights file not found: {source!r}")
-        loaded = torch.load(source, map_location="cpu", weights_only=True)
-    state_dict = _backbone_state_dict(loaded, source)
-    _fit_pos_embed(model, state_dict, source)
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as error:
-        raise RuntimeError(f"{source} does not match the model architecture: {error}") from error
+        loaded = read_weights_file(source)
+    state_dict = backbone_state(loaded, source)
+    fit_pos_embed(model, state_dict, source)
+    load_strict(model, state_dict, source)
     return model
 
 

@@ -1,7 +1,9 @@
-"""Tests of the hub entry points (hub.py, hubconf.py) and the state-dict converters (models/convert.py)."""
+"""Tests of the hub entry points (hub.py, hubconf.py), the state-dict converters (models/convert.py) and the
+weights module's reading of them (models/weights.py)."""
 
 import importlib.util
 import json
+import re
 import urllib.error
 from pathlib import Path
 
@@ -10,12 +12,8 @@ import torch
 
 from dinov2_repro import hub
 from dinov2_repro.models import DinoVisionTransformer
-from dinov2_repro.models.convert import (
-    convert_hf_state_dict,
-    hub_layout_from_training_checkpoint,
-    infer_arch_from_state_dict,
-    load_hf_folder,
-)
+from dinov2_repro.models.convert import convert_hf_state_dict
+from dinov2_repro.models.weights import WeightsError, backbone_state, infer_architecture, read_hf_folder
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(depth=1, img_size=28)  # hub entry points with a 1-block, 2 x 2-patch model
@@ -50,9 +48,9 @@ def test_pretrained_path_loads_strictly(tmp_path):
         assert torch.equal(loaded.state_dict()[key], value), key
     extra = dict(source.state_dict(), **{"head.weight": torch.zeros(1)})
     torch.save(extra, path)
-    with pytest.raises(RuntimeError, match="head.weight"):
+    with pytest.raises(WeightsError, match="unexpected.*head.weight"):
         hub.dinov2_vits14_reg(pretrained=str(path), **SMALL)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(WeightsError, match="missing.pth"):
         hub.dinov2_vits14_reg(pretrained=str(tmp_path / "missing.pth"), **SMALL)
 
 
@@ -124,18 +122,20 @@ def test_hub_layout_from_training_checkpoint_selects_and_flattens():
         "teacher.dino_head.mlp.0.weight": torch.zeros(1),
         "student.backbone.cls_token": torch.zeros(1),
     }
-    out = hub_layout_from_training_checkpoint(sd)
-    assert set(out) == {"cls_token", "blocks.6.norm1.weight", "norm.bias"}
-    assert out["blocks.6.norm1.weight"].item() == 2.0
-    assert set(hub_layout_from_training_checkpoint(sd, prefix="student.backbone.")) == {"cls_token"}
-    with pytest.raises(ValueError, match="student.backbone"):
-        hub_layout_from_training_checkpoint({"student.backbone.cls_token": torch.zeros(1)})
+    hub_keys = {"pos_embed": torch.zeros(1, 5, 1), "patch_embed.proj.weight": torch.zeros(1, 3, 2, 2)}
+    sd.update({f"{who}.backbone.{k}": v for k, v in hub_keys.items() for who in ("teacher", "student")})
+    out = backbone_state(sd, "ckpt")
+    assert set(out) == {"cls_token", "blocks.6.norm1.weight", "norm.bias", *hub_keys}
+    assert out["blocks.6.norm1.weight"].item() == 2.0 and out["cls_token"].item() == 1.0  # the teacher's
+    assert set(backbone_state(sd, "ckpt", prefix="student.backbone.")) == {"cls_token", *hub_keys}
+    with pytest.raises(WeightsError, match="student.backbone"):
+        backbone_state({"student.backbone.cls_token": torch.zeros(1)}, "ckpt", prefix="teacher.backbone.")
 
 
 @pytest.mark.parametrize("builder, depth", [(hub.dinov2_vits14_reg, 3), (hub.dinov2_vitg14, 1)])
 def test_infer_arch_round_trip(builder, depth):
     model = builder(pretrained=False, depth=depth, img_size=42)
-    arch = infer_arch_from_state_dict(model.state_dict())
+    arch = infer_architecture(model.state_dict())
     assert arch["depth"] == depth and arch["img_size"] == 42 and arch["patch_size"] == 14
     assert arch["num_heads"] == model.num_heads and arch["embed_dim"] == model.embed_dim
     assert arch["num_register_tokens"] == model.num_register_tokens
@@ -203,16 +203,16 @@ def test_hf_folder_round_trip(tmp_path, case, file_format):
 
         torch.save(load_file(tmp_path / "model.safetensors"), tmp_path / "pytorch_model.bin")
         (tmp_path / "model.safetensors").unlink()
-    hub_sd, arch = load_hf_folder(str(tmp_path))
+    hub_sd, arch = read_hf_folder(tmp_path)
     assert arch["embed_dim"] == 32 and arch["depth"] == 2 and arch["num_heads"] == 2 and arch["img_size"] == 28
     assert arch["init_values"] == 0.5 and arch["ffn_layer"] == HF_CASES[case][2]["ffn_layer"]
     ours = DinoVisionTransformer(**arch).eval()
     ours.load_state_dict(hub_sd, strict=True)
     _compare_with_hf(hf_model, ours, arch["num_register_tokens"])
-    inferred = infer_arch_from_state_dict(hub_sd, num_heads=2)
+    inferred = infer_architecture(hub_sd, num_heads=2)
     assert {k: inferred[k] for k in arch} == {**arch, "init_values": 1.0}  # only LayerScale's presence is stored
-    with pytest.raises(ValueError, match="num_heads"):
-        infer_arch_from_state_dict(hub_sd)  # 32 wide: no published variant, not a multiple of 64
+    with pytest.raises(WeightsError, match="num_heads"):
+        infer_architecture(hub_sd)  # 32 wide: no published variant, so no guess
 
 
 def test_hf_interpolation_matches_explicit_size_mode_without_antialias():
@@ -230,15 +230,17 @@ def test_hf_unknown_or_incomplete_keys_are_named():
     assert set(convert_hf_state_dict(prefixed)) == set(convert_hf_state_dict(hf_sd))
     with pytest.raises(KeyError, match="classifier.weight"):
         convert_hf_state_dict({**prefixed, "classifier.weight": torch.zeros(2, 64)})
-    incomplete = {k: v for k, v in hf_sd.items() if k != "encoder.layer.1.attention.k_proj.weight"}
+    # the key projection of layer 1, under either naming (transformers < 5: attention.attention.key; >= 5: k_proj)
+    key_proj = next(k for k in hf_sd if re.fullmatch(r"encoder\.layer\.1\.attention\.(attention\.key|k_proj)\.weight", k))
+    incomplete = {k: v for k, v in hf_sd.items() if k != key_proj}
     with pytest.raises(KeyError, match=r"encoder.layer.1.*attn.qkv"):
         convert_hf_state_dict(incomplete)
 
 
 def test_hf_folder_errors_name_the_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
-        load_hf_folder(str(tmp_path))
+    with pytest.raises(WeightsError, match="config.json"):
+        read_hf_folder(tmp_path)
     (tmp_path / "config.json").write_text(json.dumps(dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                                           patch_size=7, image_size=28, hidden_act="relu")))
-    with pytest.raises(ValueError, match="hidden_act"):
-        load_hf_folder(str(tmp_path))
+    with pytest.raises(WeightsError, match="hidden_act"):
+        read_hf_folder(tmp_path)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import image_list_sha1, loader_workers
+from ..models.weights import read_weights_file
 
 
 HASH_SIDE = 16  # bits = HASH_SIDE ** 2
@@ -66,7 +67,7 @@ def cached_image_hashes(dataset, cache_dir: os.PathLike | str, split: str, num_w
     key = image_list_sha1(dataset.samples)
     path = Path(cache_dir) / f"dhash_{split}_{key[:20]}.pt"
     if path.is_file():
-        stored = torch.load(path, map_location="cpu", weights_only=True)
+        stored = read_weights_file(path)
         return stored["bits"], stored["ok"]
     bits, ok = image_hashes(dataset, num_workers, progress, desc=f"hashes {split}")
     path.parent.mkdir(parents=True, exist_ok=True)

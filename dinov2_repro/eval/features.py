@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import image_list_sha1, loader_workers
+from ..models.weights import read_weights_file
 from .dedup import difference_hash
 
 CACHE_VERSION = 2
@@ -238,7 +239,7 @@ def cached_features(model, info: Dict[str, Any], dataset, transform, cache_dir: 
     path = Path(cache_dir) / f"{split}_{digest[:20]}.pt"
     if path.is_file():
         try:
-            stored = torch.load(path, map_location="cpu", weights_only=False)
+            stored = read_weights_file(path)  # tensors and plain containers only
             if stored.get("key") == key:
                 log(f"[features] {split}: cache hit {path}")
                 return FeatureSet(**stored["features"]), True

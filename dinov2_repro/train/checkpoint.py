@@ -165,9 +165,6 @@ def save_checkpoint(run_dir: os.PathLike, iteration: int, model, optimizer, meta
     ``model`` is the (possibly DDP/FSDP-wrapped) meta-architecture, ``meta`` a picklable dict merged into the
     checkpoint's metadata (config, counters). Returns the checkpoint path.
     """
-    import torch
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     rank = _rank()
     final = checkpoint_path(run_dir, iteration, sharded)
     tmp = final.with_name(final.name + ".tmp")
@@ -178,6 +175,26 @@ def save_checkpoint(run_dir: os.PathLike, iteration: int, model, optimizer, meta
         checkpoints_dir(run_dir).mkdir(parents=True, exist_ok=True)
         _remove(tmp)  # leftover of a crashed save
     _barrier()
+    try:
+        _write_checkpoint(tmp, model, optimizer, meta, sharded, rank)
+    except BaseException:
+        if rank == 0:  # a full disk or a kill: drop the partial file; `latest` still names the last good one
+            _remove(tmp)
+        raise
+    _barrier()
+    if rank == 0:
+        _remove(final)
+        os.replace(tmp, final)
+        _write_text_atomic(checkpoints_dir(run_dir) / LATEST, final.name + "\n")
+        _prune(run_dir, keep_last)
+    _barrier()
+    return final
+
+
+def _write_checkpoint(tmp: Path, model, optimizer, meta: Dict[str, Any], sharded: bool, rank: int) -> None:
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
     if sharded:
         import torch.distributed.checkpoint as dcp
 
@@ -191,14 +208,6 @@ def save_checkpoint(run_dir: os.PathLike, iteration: int, model, optimizer, meta
         model_sd, optim_sd = get_state_dict(model, optimizer, options=StateDictOptions(cpu_offload=True))
         if rank == 0:
             torch.save({"model": model_sd, "optimizer": optim_sd, "meta": meta}, tmp)
-    _barrier()
-    if rank == 0:
-        _remove(final)
-        os.replace(tmp, final)
-        _write_text_atomic(checkpoints_dir(run_dir) / LATEST, final.name + "\n")
-        _prune(run_dir, keep_last)
-    _barrier()
-    return final
 
 
 def _is_sharded(model) -> bool:
@@ -283,6 +292,14 @@ def restore_rank_rng(meta: Dict[str, Any], rank: int, world_size: int) -> bool:
                     len(states), world_size, rank % len(states))
         return False
     return True
+
+
+def read_checkpoint_file(path: os.PathLike) -> Dict[str, Any]:
+    """A whole single-file checkpoint (``model``, ``optimizer``, ``meta``), memory-mapped, without loading it into
+    a model. It holds Python objects (RNG states, config), so only files of ours are read this way."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
 
 
 def read_checkpoint_meta(path: os.PathLike) -> Dict[str, Any]:
