@@ -114,7 +114,7 @@ def make_synthetic_batch(cfg, batch_size: int, device: torch.device, seed: int =
 
 
 class TrainStep:
-    """One optimiser step exactly as the engine runs it (`engine.train_one_iteration`: schedules, autocast
+    """One optimiser step exactly as the engine runs it (`step.train_one_iteration`: schedules, autocast
     training_step, backward, per-module clipping, AdamW, teacher EMA, and the per-iteration metric sync)."""
 
     def __init__(self, meta, cfg, device: torch.device, batch_size: int):
@@ -126,7 +126,7 @@ class TrainStep:
         if precision == "fp16":
             raise SystemExit("compute.precision=fp16 is not benchmarked here (use bf16 or fp32)")
         self.meta, self.cfg, self.device = meta, cfg, device
-        # Same order as engine.build_meta_arch: policies were applied by the caller, then parallelism, optimiser.
+        # Same order as loop.build_meta_arch: policies were applied by the caller, then parallelism, optimiser.
         self.parallel = Parallelism("none", precision, str(cfg.compute.param_dtype))
         self.parallel.prepare(meta)
         self.optimizer = build_optimizer(meta.get_params_groups(), cfg, device)
@@ -139,11 +139,11 @@ class TrainStep:
         self.iteration = 0
 
     def __call__(self, batch: Dict[str, Any]) -> Dict[str, Any]:
-        from dinov2_repro.train.engine import train_one_iteration
+        from dinov2_repro.train.step import StepContext, train_one_iteration
 
-        values = train_one_iteration(self.iteration, [batch], self.meta, self.optimizer, self.scaler,
-                                     self.schedules, self.parallel, self.autocast,
-                                     float(self.cfg.optim.clip_grad), "stop")
+        ctx = StepContext(self.meta, self.optimizer, self.scaler, self.schedules, self.parallel, self.autocast,
+                          float(self.cfg.optim.clip_grad), "stop")
+        values = train_one_iteration(self.iteration, [batch], ctx)
         self.iteration += 1
         return values
 

@@ -134,7 +134,7 @@ def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str
         f"- Pretraining: `{rel(str(run_dir))}`: {pretrain.get('iterations')} iterations, "
         f"{pretrain.get('images_per_s') or 0:.1f} images/s, final total loss "
         f"{pretrain.get('final_losses', {}).get('total_loss', float('nan')):.4f}",
-        f"- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), "",
+        "- Wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in timings.items()), "",
         "## Frozen-feature evaluation (test accuracy; choices made on the validation split)", "",
         "| backbone | linear probe | k-NN | linear (val) | k-NN (val) | linear head | k | reports |",
         "|---|---|---|---|---|---|---|---|"]

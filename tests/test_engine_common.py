@@ -158,6 +158,15 @@ def test_collapse_monitor_patience_and_both_kinds():
     assert monitor.update(9, 0.97 * log_k, 0.5) is None and monitor.streak == 0
 
 
+def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):
+    from dinov2_repro.train import guards
+
+    monkeypatch.setattr(guards, "torch_version", lambda: (2, 5))
+    with pytest.raises(ConfigError, match=r"compute\.parallelism = 'fsdp' on CPU needs torch >= 2\.6.*ddp"):
+        guards.check_setup(tiny_cfg("compute.parallelism=fsdp"), "cpu", 2, "torchrun")
+    guards.check_setup(tiny_cfg("compute.parallelism=fsdp"), "cuda", 2, "torchrun")  # GPUs are not affected
+
+
 @pytest.mark.parametrize("overrides, device, world, source, key", [
     (["compute.precision=fp16"], "cpu", 1, "single", "compute.precision"),
     (["compute.parallelism=fsdp"], "cpu", 1, "single", "compute.parallelism"),
@@ -175,9 +184,11 @@ def test_bad_combinations_name_the_key(overrides, device, world, source, key):
         check_setup(tiny_cfg(*overrides), device, world, source)
 
 
-def test_good_combinations_pass():
+def test_good_combinations_pass(monkeypatch):
+    from dinov2_repro.train import guards
     from dinov2_repro.train.guards import check_setup
 
+    monkeypatch.setattr(guards, "torch_version", lambda: guards.CPU_FSDP_MIN_TORCH)
     check_setup(tiny_cfg("train.batch_size_per_gpu=1", "koleo.loss_weight=0"), "cpu", 1, "single")
     check_setup(tiny_cfg("compute.parallelism=fsdp", "compute.precision=bf16"), "cpu", 2, "torchrun")
     check_setup(tiny_cfg("compute.parallelism=ddp"), "cpu", 2, "slurm")

@@ -8,8 +8,9 @@ import torch
 
 from dinov2_repro.config import ConfigError, load_config
 from dinov2_repro.train import checkpoint as ckpt
-from dinov2_repro.train import engine
-from dinov2_repro.train.engine import build_backbone_from_export, train
+from dinov2_repro.models.weights import build_from_export
+from dinov2_repro.train import engine, loop
+from dinov2_repro.train.engine import train
 from dinov2_repro.train.guards import NonFiniteLossError
 from dinov2_repro.train.metrics import read_metrics
 from test_engine_common import TINY, FixedLoader, real_data, synthetic_mri, tiny_cfg  # noqa: F401 (fixture)
@@ -47,7 +48,7 @@ def test_run_directory_layout_metrics_export_and_restartable_config(tmp_path):
     assert saved["images_per_s"] > 0 and summary["global_batch"] == 4
 
     # The export is the final teacher backbone, strict-loadable into the architecture backbone.json describes.
-    model = build_backbone_from_export(run / "export")
+    model = build_from_export(run / "export")
     teacher = {k[len("teacher.backbone."):]: v for k, v in _final_state(run)["model"].items()
                if k.startswith("teacher.backbone.")}
     assert set(model.state_dict()) == set(teacher)
@@ -189,7 +190,7 @@ def test_export_loads_strictly_into_the_hub_constructor(tmp_path):
 
 
 def test_cli_trains_resumes_from_config_yaml_and_reports_errors(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(engine, "_default_data_loader", FixedLoader())
+    monkeypatch.setattr(loop, "default_data_loader", FixedLoader())
     run = tmp_path / "run"
     assert engine.main(["--output-dir", str(run), *TINY, "train.max_iterations=2"]) == 0
     assert ckpt.latest_checkpoint(run).name == "checkpoint_0000002.pth"

@@ -81,7 +81,7 @@ def _worker(run_dir: Path) -> None:
 
 
 def test_fsdp_bf16_with_compile_and_activation_checkpointing_under_torchrun(tmp_path):
-    from dinov2_repro.train.engine import build_backbone_from_export
+    from dinov2_repro.models.weights import build_from_export
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
     torchrun = Path(sys.executable).with_name("torchrun")
@@ -89,7 +89,7 @@ def test_fsdp_bf16_with_compile_and_activation_checkpointing_under_torchrun(tmp_
     result = subprocess.run(command, env=env, cwd=ROOT, capture_output=True, text=True, timeout=540)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     assert (tmp_path / "run/checkpoints/checkpoint_0000002/.metadata").exists()
-    model = build_backbone_from_export(tmp_path / "run/export")  # full, gathered, strict-loadable
+    model = build_from_export(tmp_path / "run/export")  # full, gathered, strict-loadable
     assert model.embed_dim == 32
 
 

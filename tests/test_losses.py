@@ -130,6 +130,23 @@ def test_center_update_with_no_samples_keeps_center():
     torch.testing.assert_close(loss.center, torch.full((1, 3), 0.5))
 
 
+@pytest.mark.parametrize("loss_cls", [DINOLoss, iBOTPatchLoss])
+def test_state_snapshot_settles_pending_updates_and_restore_undoes_later_ones(loss_cls):
+    loss = loss_cls(2, center_momentum=0.5)
+    loss.update_center(torch.tensor([[2.0, 4.0]]))  # pending: the snapshot must include it -> center (1, 2)
+    snapshot = loss.state_snapshot()
+    torch.testing.assert_close(snapshot["center"], torch.tensor([[1.0, 2.0]]))
+    loss.update_center(torch.tensor([[5.0, 6.0]]))
+    loss.apply_center_update()  # (3, 4)
+    loss.update_center(torch.tensor([[100.0, 100.0]]))  # started after the snapshot, not finished: dropped too
+    loss.restore_state(snapshot)
+    torch.testing.assert_close(loss.center, torch.tensor([[1.0, 2.0]]))
+    loss.apply_center_update()  # nothing pending any more
+    torch.testing.assert_close(loss.center, torch.tensor([[1.0, 2.0]]))
+    snapshot["center"].fill_(9.0)  # a copy, not a view of the buffer
+    torch.testing.assert_close(loss.center, torch.tensor([[1.0, 2.0]]))
+
+
 # ---------------------------------------------------------------------- Sinkhorn-Knopp
 def numpy_sinkhorn(logits, temp, n_iterations):
     """Plain transcription of the published algorithm (no max subtraction), in float64."""

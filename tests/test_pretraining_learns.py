@@ -111,12 +111,15 @@ def test_short_pretraining_beats_random_init_on_toy_shapes(tmp_path):
 @pytest.mark.timeout(600)
 def test_short_pretraining_beats_random_init_on_real_digits(tmp_path):
     """The demo preset as shipped (its lr scaled by the recipe's sqrt rule) on real scans: scikit-learn's
-    handwritten digits, 1,000 train / 797 test, the preset's 64 px crops, 150 iterations (a quarter of the demo's).
+    handwritten digits, 1,000 train / 797 test, the preset's 64 px crops, 150 iterations (a quarter of the demo's),
+    probed as `benchmarks/learning.py` does (logistic regression and 20-NN on L2-normalised CLS features).
 
-    Measured 2026-11-29 (10-NN): 0.561 vs 0.513. The gain grows with the budget (600 iterations: about +13 points
-    by 20-NN, docs/small_scale.md); this test guards against the regression that issue 24 found: with the lr
-    unscaled (0.004 at batch 32) a 300-iteration run ended at 31.6% against 48.8% for its twin (20-NN)."""
-    from benchmarks.learning import make_digits
+    Measured 2026-11-29, pretrained vs random twin, linear / 20-NN: torch 2.14.1 52.1 / 55.2 vs 36.4 / 48.8;
+    torch 2.4.1 52.2 / 53.8 vs 37.5 / 50.4. The linear gain (+15) is the robust signal at this budget; the 20-NN
+    gain (+3 to +6) moves with the torch version's numerics, so it is only required not to be a loss. This guards
+    against the regression that issue 24 found: with the lr unscaled (0.004 at batch 32) a 300-iteration run ended
+    at 31.6% against 48.8% for its twin (20-NN), and below it on the linear probe too."""
+    from benchmarks.learning import make_digits, probe
 
     data, run = tmp_path / "digits", tmp_path / "run"
     make_digits(data)
@@ -127,6 +130,8 @@ def test_short_pretraining_beats_random_init_on_real_digits(tmp_path):
     with torch.random.fork_rng(devices=[]):
         train(cfg, run)
 
-    pretrained, random_init = knn_accuracy(str(run), data), knn_accuracy(f"random:{run}", data)
-    print(f"k-NN accuracy on digits: pretrained {pretrained:.3f}, random init {random_init:.3f} (chance 0.10)")
-    assert pretrained >= random_init + 0.03, (pretrained, random_init)
+    pretrained, random_init = probe(str(run), data), probe(f"random:{run}", data)
+    print(f"digits, linear / 20-NN: pretrained {pretrained['linear']:.3f} / {pretrained['knn']:.3f}, random init "
+          f"{random_init['linear']:.3f} / {random_init['knn']:.3f} (chance 0.10)")
+    assert pretrained["linear"] >= random_init["linear"] + 0.08, (pretrained, random_init)
+    assert pretrained["knn"] >= random_init["knn"], (pretrained, random_init)

@@ -62,6 +62,17 @@ class SoftmaxCenter(nn.Module):
         self.center.copy_(torch.where(count > 0, updated, self.center))
 
     @torch.no_grad()
+    def snapshot(self) -> Tensor:
+        """A copy of the settled center, for `restore` (a step whose update is dropped must not move it)."""
+        self.finish_update()
+        return self.center.clone()
+
+    @torch.no_grad()
+    def restore(self, snapshot: Tensor) -> None:
+        self._pending = None  # an update started after the snapshot is dropped with the step
+        self.center.copy_(snapshot)
+
+    @torch.no_grad()
     def softmax_centered(self, teacher_logits: Tensor, teacher_temp: float) -> Tensor:
         """(n, K) logits -> (n, K) fp32 targets softmax((t - c) / teacher_temp) with the current center."""
         self.finish_update()
@@ -113,6 +124,13 @@ class DINOLoss(nn.Module):
     @torch.no_grad()
     def apply_center_update(self) -> None:
         self.centering.finish_update()
+
+    def state_snapshot(self) -> Dict[str, Tensor]:
+        """Everything this loss carries between steps (the center), copied; see `restore_state`."""
+        return {"center": self.centering.snapshot()}
+
+    def restore_state(self, snapshot: Dict[str, Tensor]) -> None:
+        self.centering.restore(snapshot["center"])
 
     # ---- loss
     @staticmethod

@@ -14,6 +14,8 @@ Sinkhorn-Knopp over the masked tokens of the global batch (token count all-reduc
 
 from __future__ import annotations
 
+from typing import Dict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,6 +63,13 @@ class iBOTPatchLoss(nn.Module):
     @torch.no_grad()
     def apply_center_update(self) -> None:
         self.centering.finish_update()
+
+    def state_snapshot(self) -> Dict[str, Tensor]:
+        """Everything this loss carries between steps (the center), copied; see `restore_state`."""
+        return {"center": self.centering.snapshot()}
+
+    def restore_state(self, snapshot: Dict[str, Tensor]) -> None:
+        self.centering.restore(snapshot["center"])
 
     def forward(self, student_patch_logits: Tensor, teacher_patch_probs: Tensor, masks_weight: Tensor,
                 n_images: int) -> Tensor:

@@ -109,6 +109,18 @@ class CollapseMonitor:
                 "signs.")
 
 
+# FSDP2 (fully_shard) on CPU with gloo: torch 2.4 and 2.5 create CUDA streams unconditionally (measured).
+CPU_FSDP_MIN_TORCH = (2, 6)
+
+
+def torch_version() -> tuple:
+    """(major, minor) of the installed torch."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
 def check_setup(cfg, device_type: str, world_size: int, dist_source: str) -> None:
     """Reject setting combinations that cannot work, naming the config key and the fix."""
     from dinov2_repro.config import ConfigError
@@ -125,6 +137,12 @@ def check_setup(cfg, device_type: str, world_size: int, dist_source: str) -> Non
         raise ConfigError("compute.parallelism = 'fsdp' needs a process group: launch with torchrun "
                           "(torchrun --nproc-per-node N -m dinov2_repro.train ...) or srun, or set "
                           "compute.parallelism=none for one process")
+    if parallelism == "fsdp" and device_type == "cpu" and torch_version() < CPU_FSDP_MIN_TORCH:
+        import torch
+
+        raise ConfigError(f"compute.parallelism = 'fsdp' on CPU needs torch >= "
+                          f"{'.'.join(map(str, CPU_FSDP_MIN_TORCH))} (torch {torch.__version__}'s FSDP2 requires "
+                          f"CUDA streams): use compute.parallelism=ddp on CPU, or upgrade torch")
     if parallelism == "ddp" and dist_source == "single":
         raise ConfigError("compute.parallelism = 'ddp' needs a process group: launch with torchrun or srun, "
                           "or set compute.parallelism=none for one process")

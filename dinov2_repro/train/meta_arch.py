@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..losses import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from ..models.factory import build_backbone_from_config, build_heads_from_config
+from ..models.weights import backbone_state, load_strict, pos_embed_img_size, read_weights_file
 from .ema import assert_no_shared_storage, ema_update
 from .param_groups import fuse_params_groups, get_params_groups_with_decay
 
@@ -75,15 +76,15 @@ class SSLMetaArch(nn.Module):
             raise ValueError(f"train.centering={self.centering!r} is not one of ('softmax', 'sinkhorn_knopp')")
 
         img_size = int(cfg.crops.global_crops_size)
-        pretrained = None
+        pretrained, source = None, f"student.pretrained_weights={cfg.student.pretrained_weights}"
         if cfg.student.pretrained_weights:
-            pretrained = load_backbone_weights(cfg.student.pretrained_weights)
-            img_size = _img_size_of_pos_embed(pretrained, int(cfg.student.patch_size),
-                                              cfg.student.pretrained_weights)
+            pretrained = backbone_state(read_weights_file(cfg.student.pretrained_weights), source)
+            # built at the checkpoint's resolution; pos_embed is interpolated to the crops at run time
+            img_size = pos_embed_img_size(pretrained, source)
         student_backbone = build_backbone_from_config(cfg.student, img_size)
         teacher_backbone = build_backbone_from_config(cfg.student, img_size, teacher=True)  # no drop path
         if pretrained is not None:
-            _load_strict(student_backbone, pretrained, cfg.student.pretrained_weights)
+            load_strict(student_backbone, pretrained, source)
         heads = build_heads_from_config(cfg, student_backbone.embed_dim)
         self.student = nn.ModuleDict({"backbone": student_backbone, **heads})
         self.teacher = nn.ModuleDict({"backbone": teacher_backbone, **{k: copy.deepcopy(v) for k, v in heads.items()}})
@@ -250,6 +251,15 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ after the optimiser step
     @torch.no_grad()
+    def loss_state(self) -> Dict[str, Dict[str, Tensor]]:
+        """A copy of the state the losses carry between steps (the DINO and iBOT centers)."""
+        return {"dino": self.dino_loss.state_snapshot(), "ibot": self.ibot_patch_loss.state_snapshot()}
+
+    def restore_loss_state(self, snapshot: Mapping[str, Dict[str, Tensor]]) -> None:
+        """Undo the loss-state updates since `loss_state` (an update dropped for a NaN must not move them)."""
+        self.dino_loss.restore_state(snapshot["dino"])
+        self.ibot_patch_loss.restore_state(snapshot["ibot"])
+
     def update_teacher(self, momentum: float) -> None:
         """teacher <- momentum * teacher + (1 - momentum) * student (backbone and heads)."""
         ema_update(self.student, self.teacher, momentum)
@@ -268,43 +278,3 @@ class SSLMetaArch(nn.Module):
 
 LOSS_KEYS = ("dino_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss", "koleo_loss")
 DIAGNOSTIC_KEYS = ("teacher_entropy", "teacher_kl_to_uniform", "center_norm", "student_cls_std", "mask_fraction")
-
-
-# ---------------------------------------------------------------------- pretrained initialisation
-def load_backbone_weights(path: str) -> Dict[str, Tensor]:
-    """A hub-layout backbone state dict from `path`: a plain hub .pth, or a training checkpoint holding
-    `teacher.backbone.*` keys (optionally under "model")."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"student.pretrained_weights: no such file {path!r}") from None
-    except Exception as exc:
-        raise ValueError(f"student.pretrained_weights: cannot load {path!r}: {exc}") from exc
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise ValueError(f"student.pretrained_weights: {path!r} does not hold a state dict")
-    for prefix in ("teacher.backbone.", "student.backbone.", "backbone."):
-        if any(k.startswith(prefix) for k in state):
-            return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-    return state
-
-
-def _img_size_of_pos_embed(state: Mapping[str, Tensor], patch_size: int, path: str) -> int:
-    # Build the backbone at the checkpoint's resolution; pos_embed is interpolated to the crops at run time.
-    if "pos_embed" not in state:
-        raise ValueError(f"student.pretrained_weights: {path!r} has no 'pos_embed' (not a hub-layout backbone)")
-    n_patches = state["pos_embed"].shape[1] - 1
-    side = int(round(math.sqrt(n_patches)))
-    if side * side != n_patches:
-        raise ValueError(f"student.pretrained_weights: {path!r} pos_embed has {n_patches} patch positions, "
-                         "not a square grid")
-    return side * patch_size
-
-
-def _load_strict(backbone: nn.Module, state: Mapping[str, Tensor], path: str) -> None:
-    try:
-        backbone.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise ValueError(f"student.pretrained_weights: {path!r} does not match the configured backbone "
-                         f"(student.arch/patch_size/num_register_tokens/ffn_layer/layerscale): {exc}") from exc
