@@ -156,6 +156,15 @@ def build_set(name: str, cache: Path) -> Path:
 
 # ------------------------------------------------------------------------------------------ pretrain and probe
 
+def set_overrides(set_name: str, data: Path) -> List[str]:
+    """The data keys every pretraining on ``set_name`` uses (the set's folder, augmentation and statistics)."""
+    colour = SETS[set_name]["augmentation"] == "dinov2"  # colour images: ImageNet statistics and colour jitter
+    return [f"data.path={data}", "data.kind=kaggle", "data.split=Training", "data.num_workers=0",
+            f"data.augmentation={SETS[set_name]['augmentation']}",
+            *(["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.intensity_jitter=true"]
+              if colour else [])]
+
+
 def pretrain(data: Path, run_dir: Path, preset: str, set_name: str, seed: int, overrides: Sequence[str],
              progress: bool) -> Dict[str, Any]:
     import torch
@@ -163,12 +172,8 @@ def pretrain(data: Path, run_dir: Path, preset: str, set_name: str, seed: int, o
     from dinov2_repro.config import configs_dir, load_config
     from dinov2_repro.train.engine import train
 
-    colour = SETS[set_name]["augmentation"] == "dinov2"  # colour images: ImageNet statistics and colour jitter
     cfg = load_config(configs_dir() / "train" / f"{preset}.yaml", [
-        f"data.path={data}", "data.kind=kaggle", "data.split=Training", "data.num_workers=0",
-        f"data.augmentation={SETS[set_name]['augmentation']}", f"train.seed={seed}",
-        *(["data.mean=[0.485,0.456,0.406]", "data.std=[0.229,0.224,0.225]", "data.intensity_jitter=true"]
-          if colour else []),
+        *set_overrides(set_name, data), f"train.seed={seed}",
         f"logging.progress_bar={'true' if progress else 'false'}", "evaluation.eval_period_iterations=100000",
         "checkpoint.period_iterations=100000", *overrides])
     start = time.perf_counter()

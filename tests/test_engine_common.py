@@ -161,8 +161,8 @@ def test_collapse_monitor_patience_and_both_kinds():
 def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):
     from dinov2_repro.train import guards
 
-    monkeypatch.setattr(guards, "torch_version", lambda: (2, 5))
-    with pytest.raises(ConfigError, match=r"compute\.parallelism = 'fsdp' on CPU needs torch >= 2\.6.*ddp"):
+    monkeypatch.setattr(guards, "torch_version", lambda: (2, 6))
+    with pytest.raises(ConfigError, match=r"compute\.parallelism = 'fsdp' on CPU needs torch >= 2\.7.*ddp"):
         guards.check_setup(tiny_cfg("compute.parallelism=fsdp"), "cpu", 2, "torchrun")
     guards.check_setup(tiny_cfg("compute.parallelism=fsdp"), "cuda", 2, "torchrun")  # GPUs are not affected
 

@@ -109,8 +109,9 @@ class CollapseMonitor:
                 "signs.")
 
 
-# FSDP2 (fully_shard) on CPU with gloo: torch 2.4 and 2.5 create CUDA streams unconditionally (measured).
-CPU_FSDP_MIN_TORCH = (2, 6)
+# FSDP2 (fully_shard) on CPU with gloo, measured: torch 2.4 and 2.5 create CUDA streams unconditionally, 2.6
+# records events on a CPU stream, which has none; 2.7.1 trains and checkpoints.
+CPU_FSDP_MIN_TORCH = (2, 7)
 
 
 def torch_version() -> tuple:

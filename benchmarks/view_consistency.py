@@ -1,0 +1,86 @@
+"""Are two augmented views of one image closer than views of two images, for a freshly initialised teacher?
+
+DINO's [CLS] term can only start learning when its teacher's targets for view 1 say something about view 2 of the
+same image. This measures that at initialisation, per real-image set of `benchmarks/learning.py`: the cosine of the
+teacher's final CLS token between the two global views of one image (``same``) and of different images
+(``diff``), their normalised gap ``margin = (same - diff) / (1 - diff)``, and how often view 1 finds its own view 2
+among all view 2s (``top1``). No training; about 10 s per row on 2 CPU cores.
+
+    python benchmarks/view_consistency.py --sets digits,textures,photos
+    python benchmarks/view_consistency.py --sets digits "crops.global_crops_scale=[0.6,1.0]" --no-solarize
+
+Results and what they predicted are in docs/small_scale.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.learning import build_set, set_overrides  # noqa: E402
+
+
+def measure(set_name: str, overrides: Sequence[str], n_images: int, solarize: bool, cache: Path) -> Dict[str, float]:
+    import dinov2_repro.data.augmentations as augmentations
+    from dinov2_repro.config import configs_dir, load_config
+    from dinov2_repro.data.datasets import open_labeled_dataset
+    from dinov2_repro.train.meta_arch import SSLMetaArch
+
+    data = build_set(set_name, cache)
+    cfg = load_config(configs_dir() / "train" / "demo_cpu.yaml", [*set_overrides(set_name, data), *overrides])
+    torch.manual_seed(0)
+    teacher = SSLMetaArch(cfg).teacher["backbone"].eval()
+    aug = augmentations.MultiCropAugmentation(
+        tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), 0, int(cfg.crops.global_crops_size),
+        int(cfg.crops.local_crops_size), preset=str(cfg.data.augmentation), blur_mode=str(cfg.data.blur_mode),
+        mean=cfg.data.mean, std=cfg.data.std, intensity_jitter=bool(cfg.data.intensity_jitter))
+    dataset = open_labeled_dataset(data, "Training")
+    g = torch.Generator().manual_seed(1)
+    views = ([], [])
+    saved = augmentations.SOLARIZE_P
+    augmentations.SOLARIZE_P = saved if solarize else 0.0  # a module constant: restored below
+    try:
+        for index in torch.randperm(len(dataset), generator=g)[:n_images].tolist():
+            crops = aug(dataset.load_image(index), generator=g)["global_crops"]
+            views[0].append(crops[0])
+            views[1].append(crops[1])
+    finally:
+        augmentations.SOLARIZE_P = saved
+    with torch.no_grad():
+        cls = [F.normalize(teacher(torch.stack(v), is_training=True)["x_norm_clstoken"], dim=-1) for v in views]
+    sim = cls[0] @ cls[1].T
+    n = sim.shape[0]
+    same, diff = sim.diag().mean().item(), (sim.sum() - sim.diag().sum()).item() / (n * n - n)
+    top1 = (sim.argmax(1) == torch.arange(n)).float().mean().item()
+    return dict(same=same, diff=diff, margin=(same - diff) / (1 - diff), top1=top1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sets", default="digits,textures,photos")
+    parser.add_argument("--images", type=int, default=256)
+    parser.add_argument("--no-solarize", action="store_true", help="drop the second global view's solarize")
+    parser.add_argument("--out", default=str(ROOT / "benchmark_runs" / "learning"), help="where the sets are cached")
+    parser.add_argument("overrides", nargs="*", help="pretraining-config overrides, e.g. crops.global_crops_scale=[0.6,1.0]")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    print("| set | views | CLS cosine, same image | different images | margin | top-1 |")
+    print("|---|---|---|---|---|---|")
+    for set_name in args.sets.split(","):
+        r = measure(set_name, args.overrides, args.images, not args.no_solarize, Path(args.out) / "sets")
+        views = " ".join(args.overrides) + (" no solarize" if args.no_solarize else "") or "preset"
+        print(f"| {set_name} | {views.strip() or 'preset'} | {r['same']:.3f} | {r['diff']:.3f} | {r['margin']:.2f} | "
+              f"{100 * r['top1']:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
