@@ -12,6 +12,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11,<3.13",
     packages=find_packages(include=["dinov2_repro", "dinov2_repro.*"]),
+    package_data={"dinov2_repro": ["configs/*.yaml", "configs/*/*.yaml"]},  # presets ship with the package
     install_requires=[
         "torch>=2.4",
         "torchvision>=0.19",

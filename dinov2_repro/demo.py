@@ -46,18 +46,15 @@ def _banner(text: str) -> None:
     print(f"\n=== {text} ===", flush=True)
 
 
-def pretrain_overrides(cfg_epochs: int, iterations: int, data_dir: Path, run_dir: Path, n_per_class: int,
-                       device: str, progress: bool) -> List[str]:
-    """Overrides of the demo preset: where data and run live, and a reduced budget when asked for.
-
-    A reduced budget shortens the "epoch" (``train.official_epoch_length``) so that warmups and schedules keep
-    their shape over the shorter run instead of being cut off.
+def pretrain_overrides(iterations: int, data_dir: Path, run_dir: Path, n_per_class: int, device: str,
+                       progress: bool) -> List[str]:
+    """Overrides of the demo preset: where data and run live, and a reduced budget when asked for
+    (``train.iterations``: warm-ups and schedules keep their shape over the shorter run instead of being cut off).
     """
     overrides = [f"data.path={data_dir}", f"train.output_dir={run_dir}", f"data.synthetic_n_per_class={n_per_class}",
                  f"compute.device={device}", f"logging.progress_bar={'true' if progress else 'false'}"]
     if iterations > 0:
-        overrides += [f"train.max_iterations={iterations}",
-                      f"train.official_epoch_length={max(1, round(iterations / max(cfg_epochs, 1)))}"]
+        overrides.append(f"train.iterations={iterations}")
     return overrides
 
 
@@ -187,8 +184,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
         _banner(f"2/4 DINOv2 pretraining ({preset.name}) -> {run_dir}")
         t = time.perf_counter()
-        cfg = load_config(preset, pretrain_overrides(int(base_cfg.optim.epochs), args.iterations, data_dir, run_dir,
-                                                     n_per_class, device, progress) + list(args.overrides))
+        cfg = load_config(preset, pretrain_overrides(args.iterations, data_dir, run_dir, n_per_class, device, progress)
+                          + list(args.overrides))
         pretrain = train(cfg, run_dir, resume=True)
         print(f"pretraining done: {pretrain['iterations']} iterations, final losses "
               f"{ {k: round(v, 4) for k, v in pretrain.get('final_losses', {}).items()} }", flush=True)

@@ -129,3 +129,16 @@ def test_config_is_read_only():
 def test_empty_override_means_empty_string():
     cfg = load_config(None, ["data.split=", "data.path=x"])
     assert cfg.data.split == "" and cfg.data.path == "x"
+
+
+def test_preset_names_resolve_inside_the_package_and_unknown_names_list_the_presets():
+    from dinov2_repro.config import configs_dir
+
+    assert configs_dir().parent.name == "dinov2_repro"  # shipped with the package, not beside the checkout
+    by_name = load_config("demo_cpu", ["train.seed=3"])
+    by_path = load_config(configs_dir() / "train" / "demo_cpu.yaml", ["train.seed=3"])
+    assert by_name == by_path and by_name.student.embed_dim == 128
+    with pytest.raises(ConfigError, match=r"'demo_gpu': no such file, and not a preset name \(presets: .*demo_cpu"):
+        load_config("demo_gpu")
+    with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
+        load_config("missing.yaml")

@@ -55,6 +55,32 @@ def test_generation_is_idempotent_and_refuses_other_parameters(tmp_path):
         generate_dataset(root, n_per_class=3, size=64)
 
 
+def test_a_users_folder_is_never_written_to(tmp_path, capsys):
+    """The demo preset says data.kind=synthetic; pointed at a folder of the user's own images it must stop with
+    one line and leave the folder exactly as it was (it used to add 1,400 phantoms and a README there)."""
+    from dinov2_repro.train import engine
+
+    user = tmp_path / "my_scans"
+    (user / "patient_1").mkdir(parents=True)
+    Image.new("L", (32, 32), 90).save(user / "patient_1" / "slice.png")
+    before = sorted((p.relative_to(user), p.stat().st_mtime_ns) for p in user.rglob("*"))
+    status = engine.main(["--config", "demo_cpu", f"data.path={user}", "--output-dir", str(tmp_path / "run")])
+    assert status == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("dinov2-repro train:")]
+    assert len(lines) == 1 and f"{user} is not empty and was not made by the synthetic generator" in lines[0]
+    assert "data.kind=auto" in lines[0]
+    assert sorted((p.relative_to(user), p.stat().st_mtime_ns) for p in user.rglob("*")) == before
+    # a new folder, an empty one, and one whose generation was interrupted are fine
+    generate_dataset(tmp_path / "new", n_per_class=1, size=32)
+    (tmp_path / "empty").mkdir()
+    generate_dataset(tmp_path / "empty", n_per_class=1, size=32)
+    interrupted = tmp_path / "interrupted"
+    generate_dataset(interrupted, n_per_class=1, size=32)
+    (interrupted / MARKER_FILE).rename(interrupted / ".synthetic_in_progress.json")  # as if killed before the end
+    assert not generate_dataset(interrupted, n_per_class=1, size=32)["skipped"]
+    assert (interrupted / MARKER_FILE).is_file() and not (interrupted / ".synthetic_in_progress.json").exists()
+
+
 def test_png_encoder_round_trips():
     rng = np.random.default_rng(0)
     array = rng.integers(0, 256, (17, 23), dtype=np.uint8)

@@ -8,9 +8,14 @@ from dinov2_repro.demo import main, pretrain_overrides
 
 
 def test_reduced_budget_compresses_the_schedules():
-    overrides = pretrain_overrides(10, 40, "d", "r", 6, "cpu", False)
-    assert "train.max_iterations=40" in overrides and "train.official_epoch_length=4" in overrides
-    assert not any(o.startswith("train.max_iterations") for o in pretrain_overrides(10, 0, "d", "r", 6, "cpu", False))
+    from dinov2_repro.config import load_config
+    from dinov2_repro.train.schedules import Schedules
+
+    overrides = pretrain_overrides(40, "d", "r", 6, "cpu", False)
+    assert "train.iterations=40" in overrides and not any("max_iterations" in o for o in overrides)
+    assert not any(o.startswith("train.iterations") for o in pretrain_overrides(0, "d", "r", 6, "cpu", False))
+    sched = Schedules.from_config(load_config("demo_cpu", overrides), global_batch=32)
+    assert (sched.total_iterations, sched.stop_iteration, sched.lr_warmup_iterations) == (40, 40, 4)  # 1 of 10 epochs
 
 
 @pytest.mark.slow

@@ -261,3 +261,22 @@ def test_a_dataset_without_a_readable_image_is_one_line_naming_files(tmp_path, c
     assert error.startswith("dinov2-repro train: error: none of the 4 images of a batch could be decoded "
                             "(")
     assert f"{folder}/x" in error and "Traceback" not in error  # names files of the dataset
+
+
+def test_short_runs_scale_the_schedules_or_say_that_they_cut_them(tmp_path, monkeypatch):
+    """`--iterations N` fits every epoch-based schedule into N iterations; `train.max_iterations` cuts and warns
+    (it once left the lr peaking at the last step and the head's last layer frozen for the whole run, silently)."""
+    monkeypatch.setattr(loop, "default_data_loader", FixedLoader())
+    short = [*TINY, "optim.epochs=5", "optim.warmup_epochs=2", "optim.freeze_last_layer_epochs=2"]
+    scaled = tmp_path / "scaled"  # 5 epochs of 2 iterations in 10: warm-up 4, last layer frozen for 4
+    assert engine.main(["--output-dir", str(scaled), *short, "train.max_iterations=0", "--iterations", "10"]) == 0
+    records = read_metrics(scaled / "metrics.jsonl")
+    lr, last_layer = [r["lr"] for r in records], [r["last_layer_lr"] for r in records]
+    assert len(records) == 10 and lr.index(max(lr)) == 3 and lr[-1] < 0.1 * max(lr)
+    assert [v > 0 for v in last_layer] == [False] * 4 + [True] * 6
+    assert "cuts the" not in (scaled / "train.log").read_text()
+    cut = tmp_path / "cut"
+    assert engine.main(["--output-dir", str(cut), *short, "train.max_iterations=3"]) == 0
+    log_text = (cut / "train.log").read_text()
+    assert "train.max_iterations=3 cuts the 10-iteration schedule" in log_text
+    assert "the head's last layer never trained" in log_text and "train.iterations=3 instead" in log_text

@@ -77,3 +77,23 @@ def test_label_fractions_are_stratified_seeded_and_nested():
     assert list(label_fraction_indices(labels, 1.0, seed=3)) == list(range(68))
     tiny = label_fraction_indices(labels, 0.01, seed=0)
     assert Counter(labels[i] for i in tiny) == {0: 1, 1: 1, 2: 1}  # never drops a class
+
+
+def test_a_class_name_that_training_lacks_is_an_error_naming_both_sets(tmp_path):
+    """`notumor` in Training and `no_tumor` in Testing used to become a 5-class problem (accuracy 32.5% -> 22.5%,
+    silently)."""
+    _write(tmp_path / "mri" / "Training", {"glioma": 3, "notumor": 3})
+    _write(tmp_path / "mri" / "Testing", {"glioma": 2, "no_tumor": 2})
+    with pytest.raises(ValueError, match=r"train: \['glioma', 'notumor'\]; test: \['glioma', 'no_tumor'\]\): "
+                                         r"test has \['no_tumor'\], which training lacks"):
+        build_eval_splits(tmp_path / "mri", data_cfg())
+    # a test split that merely misses a class is fine
+    _write(tmp_path / "ok" / "Training", {"glioma": 3, "notumor": 3})
+    _write(tmp_path / "ok" / "Testing", {"glioma": 2})
+    assert build_eval_splits(tmp_path / "ok", data_cfg()).classes == ["glioma", "notumor"]
+    csv_path = tmp_path / "m.csv"
+    rows = [f"{tmp_path}/mri/Training/glioma/0.png,glioma,train", f"{tmp_path}/mri/Training/notumor/0.png,notumor,train",
+            f"{tmp_path}/mri/Testing/no_tumor/0.png,no_tumor,test"]
+    csv_path.write_text("path,label,split\n" + "\n".join(rows) + "\n")
+    with pytest.raises(ValueError, match=r"m\.csv: .*test has \['no_tumor'\], which training lacks"):
+        build_eval_splits(csv_path, data_cfg())

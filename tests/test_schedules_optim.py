@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-from dinov2_repro.config import load_config
+from dinov2_repro.config import ConfigError, load_config
 from dinov2_repro.models.dino_head import DINOHead
 from dinov2_repro.models.vision_transformer import DinoVisionTransformer
 from dinov2_repro.train.param_groups import (
@@ -80,14 +80,33 @@ def test_lr_scaling_rules():
     assert sched.at(2 * EPOCH)["lr"] == pytest.approx(0.004 * 64 / 256)
 
 
-def test_run_shorter_than_warmup_is_graceful():
-    # 5 iterations in total but a 2-epoch (20 iteration) warmup: the warmup is shortened to fit the run.
-    sched = Schedules.from_config(schedule_config("train.max_iterations=5"), global_batch=1024)
-    assert sched.total_iterations == 5
-    lrs = [sched.at(i)["lr"] for i in range(6)]
-    assert all(math.isfinite(v) for v in lrs)
-    assert lrs[0] == 0.0 and lrs[4] == pytest.approx(0.004) and lrs[5] == pytest.approx(1e-6)
-    assert lrs == sorted(lrs[:5]) + [lrs[5]]
+def test_train_iterations_scales_every_epoch_based_schedule_to_the_run():
+    # 10 epochs in 20 iterations: an epoch is 2 iterations, so warm-up 2 epochs = 4, freeze 1 = 2, teacher 3 = 6.
+    sched = Schedules.from_config(schedule_config("train.iterations=20"), global_batch=1024)
+    assert (sched.total_iterations, sched.stop_iteration) == (20, 20)
+    assert (sched.lr_warmup_iterations, sched.freeze_last_layer_iterations,
+            sched.teacher_temp_warmup_iterations) == (4, 2, 6)
+    lrs = [sched.at(i)["lr"] for i in range(21)]
+    assert lrs[0] == 0.0 and lrs[3] == pytest.approx(0.004) and lrs[20] == pytest.approx(1e-6)
+    assert lrs[:4] == sorted(lrs[:4]) and lrs[4:] == sorted(lrs[4:], reverse=True)  # warm up, then decay
+    assert [sched.at(i)["last_layer_lr"] > 0 for i in range(4)] == [False, False, True, True]
+    assert sched.at(5)["teacher_temp"] == pytest.approx(0.07) and sched.at(2)["teacher_temp"] < 0.07
+    # fractional epochs round half up: 5 iterations, epoch 0.5 -> warm-up 1, freeze 1 (0.5), teacher 2 (1.5)
+    short = Schedules.from_config(schedule_config("train.iterations=5"), global_batch=1024)
+    assert (short.lr_warmup_iterations, short.freeze_last_layer_iterations,
+            short.teacher_temp_warmup_iterations) == (1, 1, 2)
+    assert all(math.isfinite(short.at(i)["lr"]) for i in range(6))
+
+
+def test_max_iterations_cuts_the_run_and_leaves_the_schedules_alone():
+    whole = Schedules.from_config(schedule_config(), global_batch=1024)
+    cut = Schedules.from_config(schedule_config("train.max_iterations=5"), global_batch=1024)
+    assert (cut.total_iterations, cut.stop_iteration) == (10 * EPOCH, 5)
+    assert [cut.at(i) for i in range(5)] == [whole.at(i) for i in range(5)]
+    assert cut.at(4)["lr"] < cut.peak_lr / 2  # still warming up where it stops: what the start-up warning says
+    with pytest.raises(ConfigError, match=r"train\.max_iterations' = 101: stops the run after the end of its "
+                                          r"100-iteration schedule; .*train\.iterations=101"):
+        schedule_config("train.max_iterations=101")
     assert warmup_cosine(0, 1.0, 0.0, total_iters=3, warmup_iters=1) == 0.0  # linspace(0, 1, 1) == [0]
     with pytest.raises(ValueError):
         warmup_cosine(-1, 1.0, 0.0, 10)

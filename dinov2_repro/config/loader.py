@@ -25,7 +25,19 @@ def configs_dir() -> Path:
     env = os.environ.get("DINOV2_REPRO_CONFIGS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "configs"
+    return Path(__file__).resolve().parents[1] / "configs"  # shipped inside the package (wheels too)
+
+
+def resolve_preset(name: os.PathLike) -> Path:
+    """A config path as given, or a preset name (``demo_cpu``, ``knn``) looked up under `configs_dir`."""
+    path = Path(name)
+    if path.is_file() or path.suffix or len(path.parts) > 1:
+        return path
+    found = sorted(configs_dir().glob(f"*/{path.name}.yaml"))
+    if len(found) == 1:
+        return found[0]
+    names = sorted(p.stem for p in configs_dir().glob("*/*.yaml"))
+    raise ConfigError(f"config {str(name)!r}: no such file, and not a preset name (presets: {', '.join(names)})")
 
 
 def default_config_path() -> Path:
@@ -107,7 +119,8 @@ def load_structured(schema_class, yaml_paths: Sequence[Optional[os.PathLike]], o
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.structured(schema_class)
-    sources: List[Tuple[str, Any]] = [(str(p), _read_yaml(Path(p))) for p in yaml_paths if p]
+    paths = [resolve_preset(p) for p in yaml_paths if p]
+    sources: List[Tuple[str, Any]] = [(str(p), _read_yaml(p)) for p in paths]
     if overrides:
         sources.append((COMMAND_LINE, _parse_overrides(overrides)))
     for source, conf in sources:
@@ -202,14 +215,19 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
         if _lookup(cfg, key) < 1:
             fail(key, "must be >= 1")
     for key in ("optim.epochs", "optim.warmup_epochs", "optim.freeze_last_layer_epochs",
-                "teacher.warmup_teacher_temp_epochs", "train.max_iterations", "data.num_workers"):
+                "teacher.warmup_teacher_temp_epochs", "train.iterations", "train.max_iterations", "data.num_workers"):
         if _lookup(cfg, key) < 0:
             fail(key, "must be >= 0")
     in_range("optim.layerwise_decay", 0.0, 1.0, low_open=True)
     in_range("optim.adamw_beta1", 0.0, 1.0, high_open=True)
     in_range("optim.adamw_beta2", 0.0, 1.0, high_open=True)
-    if cfg.optim.epochs == 0 and cfg.train.max_iterations == 0:
-        fail("optim.epochs", "is 0 and train.max_iterations is 0: nothing to train")
+    if cfg.optim.epochs == 0:
+        fail("optim.epochs", "is 0: nothing to train (every schedule is counted in epochs)")
+    schedule = cfg.train.iterations or cfg.optim.epochs * cfg.train.official_epoch_length
+    if cfg.train.max_iterations > schedule:
+        fail("train.max_iterations", f"stops the run after the end of its {schedule}-iteration schedule; to make "
+             f"the run longer set train.iterations={cfg.train.max_iterations} (every schedule scales to it) or raise "
+             f"optim.epochs")
     if len(cfg.data.mean) != 3 or len(cfg.data.std) != 3 or min(cfg.data.std) <= 0:
         fail("data.std" if len(cfg.data.mean) == 3 else "data.mean", "need 3 values each, std > 0")
     if cfg.ibot.separate_head is False and cfg.ibot.loss_weight > 0:

@@ -137,7 +137,8 @@ class TrainConfig:
     output_dir: str = "runs/default"
     seed: int = 0
     official_epoch_length: int = 1250  # iterations per "epoch", the unit of every schedule
-    max_iterations: int = 0  # 0 = epochs * official_epoch_length
+    iterations: int = 0  # 0 = epochs * official_epoch_length; N = a run of N with every schedule scaled to it
+    max_iterations: int = 0  # 0 = the whole schedule; N = stop after N iterations, schedules unchanged
     centering: str = "softmax"  # teacher targets: "softmax" centering (EMA center) or "sinkhorn_knopp"
     nonfinite: str = "stop"  # "skip_batch" drops a step whose loss or grad norm is not finite
 

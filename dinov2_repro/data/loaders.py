@@ -15,6 +15,7 @@ transform that uses global RNGs is at least deterministic for a fixed number of 
 
 from __future__ import annotations
 
+import logging
 import random
 import warnings
 from pathlib import Path
@@ -29,6 +30,8 @@ from .datasets import (ClassFolderDataset, CsvDataset, ImageFileDataset, Unlabel
                        looks_like_class_folder, looks_like_kaggle, resolve_split_dir)
 from .masking import MaskingGenerator
 from .samplers import InfiniteShardedSampler
+
+log = logging.getLogger("dinov2_repro.data")
 
 _AUGMENT_STREAM = 0x61756731  # separates the augmentation RNG stream from the mask stream
 
@@ -165,12 +168,23 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
     raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic")
 
 
+def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:
+    """One line saying what will be read: kind, path, image count, classes."""
+    classes = images.classes
+    shown = ", ".join(classes[:8]) + (f", ... ({len(classes)} in all)" if len(classes) > 8 else "")
+    labels = f"{len(classes)} classes ({shown})" if classes else "unlabeled"
+    return (f"data: {kind} at {path}: {len(images)} images, {labels}; unreadable files are skipped, named and "
+            f"counted as they are met")
+
+
 def build_ssl_dataset(cfg) -> MultiCropDataset:
     """The pretraining dataset of a config: ``data.path/kind/split`` images with the multi-crop augmentation of
     ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
-    images = build_image_dataset(str(cfg.data.path), str(cfg.data.kind), str(cfg.data.split or ""),
-                                 int(cfg.data.synthetic_n_per_class),
+    path, split = str(cfg.data.path), str(cfg.data.split or "")
+    kind = resolve_data_kind(path, str(cfg.data.kind), split)
+    images = build_image_dataset(path, kind, split, int(cfg.data.synthetic_n_per_class),
                                  synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class)
+    log.info("%s", describe_dataset(images, path + (f" (split {split})" if split else ""), kind))
     return MultiCropDataset(images, build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
 
 

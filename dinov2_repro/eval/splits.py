@@ -66,8 +66,24 @@ def _find_split(root: Path, wanted: str, names: Sequence[str]) -> Optional[str]:
     return None
 
 
-def _relabel(samples_by_split: Dict[str, Tuple[List[Tuple[str, int]], List[str]]]):
+def check_same_classes(classes_by_split: Dict[str, Sequence[str]], where: str) -> None:
+    """No split may hold a class that the training split lacks: a renamed folder (``notumor`` vs ``no_tumor``)
+    would otherwise become an extra class that no training image has, and accuracy would drop with no error. (A
+    class missing from a small test or validation split is allowed.)"""
+    names = {split: set(classes) for split, classes in classes_by_split.items()}
+    train = names.get("train")
+    unseen = {split: sorted(n - train) for split, n in names.items() if train is not None and n - train}
+    if not unseen:
+        return
+    described = "; ".join(f"{split}: {sorted(n)}" for split, n in names.items())
+    odd = "; ".join(f"{split} has {classes}" for split, classes in unseen.items())
+    raise ValueError(f"{where}: the splits name different classes ({described}): {odd}, which training lacks. "
+                     f"Rename the folders (or the CSV labels) so that every split uses the training class names")
+
+
+def _relabel(samples_by_split: Dict[str, Tuple[List[Tuple[str, int]], List[str]]], where: str):
     """Per-split (samples, classes) -> shared sorted class list and samples relabelled to it."""
+    check_same_classes({split: split_classes for split, (_, split_classes) in samples_by_split.items()}, where)
     classes = sorted({c for _, split_classes in samples_by_split.values() for c in split_classes})
     index = {c: i for i, c in enumerate(classes)}
     out = {}
@@ -97,7 +113,7 @@ def _folder_splits(root: Path, cfg) -> Tuple[Dict[str, List[Tuple[str, int]]], L
     for split, name in found.items():
         dataset = ClassFolderDataset(root, split=name)
         per_split[split] = (dataset.samples, dataset.classes)
-    samples, classes = _relabel(per_split)
+    samples, classes = _relabel(per_split, str(root))
     return samples, classes, {split: str(root / name) for split, name in found.items()}
 
 
@@ -133,6 +149,8 @@ def _csv_splits(csv_path: Path, cfg):
     unused = sorted(values - used)
     samples = {split: [s for s, r in zip(dataset.samples, rows) if r["split"] == name]
                for split, name in found.items() if name}
+    check_same_classes({split: {dataset.classes[y] for _, y in rows_} for split, rows_ in samples.items()},
+                       str(csv_path))
     source = {split: f"{csv_path} (split={name})" for split, name in found.items() if name}
     if unused:
         source["ignored_split_values"] = ", ".join(unused)

@@ -118,7 +118,7 @@ def _train(cfg, run_dir: Path, resume: bool, dist_env, data_loader_fn, stop: Sto
     run = build_run(cfg, run_dir, resume, dist_env, data_loader_fn, stop)
     if run.start_iter >= run.total_iters:  # a finished run: report it as it was, rewrite nothing
         log.info("the run is complete (checkpoint at iteration %d of %d): nothing to train; raise optim.epochs or "
-                 "train.max_iterations to extend it", run.start_iter, run.total_iters)
+                 "train.iterations (or train.max_iterations within the schedule) to extend it", run.start_iter, run.total_iters)
         previous = read_summary(run_dir)
         if previous is not None:
             return previous
@@ -144,13 +144,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="DINOv2 pretraining. Single process: `dinov2-repro train --config X.yaml`; several GPUs: "
                     "`torchrun --nproc-per-node N -m dinov2_repro.train --config X.yaml compute.parallelism=fsdp`.",
     )
-    parser.add_argument("--config", default=None, help="preset YAML (e.g. configs/train/demo_cpu.yaml or a run's "
-                                                        "config.yaml); default: configs/ssl_default.yaml only")
+    parser.add_argument("--config", default=None, help="preset name (demo_cpu, vits14_brain_mri, ...) or YAML file "
+                                                        "(a run's config.yaml restarts it); default: the published "
+                                                        "defaults only")
     parser.add_argument("--output-dir", default=None, help="run directory (default: train.output_dir)")
     parser.add_argument("--resume", dest="resume", action="store_true", default=True,
                         help="continue from <output-dir>/checkpoints/latest when present (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="start from scratch; refuses a directory that already holds checkpoints")
+    parser.add_argument("--iterations", type=int, default=0, metavar="N",
+                        help="train for N iterations with every schedule (lr warm-up, last-layer freeze, teacher "
+                             "temperature, the cosines) scaled to fit: the way to shorten a run; same as "
+                             "train.iterations=N. train.max_iterations=N instead stops early and cuts the schedules")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.batch_size_per_gpu=32")
     return parser
 
@@ -168,13 +173,15 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
-        cfg = load_config(args.config, args.overrides)
+        overrides = args.overrides + ([f"train.iterations={args.iterations}"] if args.iterations else [])
+        cfg = load_config(args.config, overrides)
         train(cfg, output_dir=args.output_dir, resume=args.resume)
     except (ConfigError, DistEnvError, FileNotFoundError, CheckpointError, RunDirError, WeightsError) as error:
         print(f"dinov2-repro train: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a read or write outside the run directory's own guarded writes
-        print(f"dinov2-repro train: error: {error.strerror or error}: {error.filename or ''}", file=sys.stderr)
+        where = f": {error.filename}" if error.filename and error.strerror else ""
+        print(f"dinov2-repro train: error: {error.strerror or error}{where}", file=sys.stderr)
         return 2
     except TrainingStopped as error:
         print(f"dinov2-repro train: {error}", file=sys.stderr)

@@ -1,4 +1,5 @@
-"""Training logs: rank 0 writes INFO to the console and ``train.log``; other ranks print warnings only.
+"""Training logs: rank 0 writes INFO to the console and ``train.log``; other ranks print warnings only. The handlers
+sit on the package logger ``dinov2_repro``, so the data pipeline's records land in ``train.log`` too.
 
 `run_logging` attaches the handlers for one run and removes them afterwards, so no logging state outlives it.
 """
@@ -28,20 +29,21 @@ def run_logging(run_dir: Path, is_main: bool, rank: int) -> Iterator[None]:
         with writing("the training log", run_dir / "train.log"):
             handlers.append(logging.FileHandler(run_dir / "train.log"))
         handlers[-1].setLevel(logging.INFO)
-    saved = (log.level, log.propagate)
+    package = logging.getLogger("dinov2_repro")  # the engine's and the data pipeline's records alike
+    saved = (package.level, package.propagate)
     for handler in handlers:
         handler.setFormatter(formatter)
-        log.addHandler(handler)
-    log.setLevel(logging.INFO)
-    log.propagate = False
+        package.addHandler(handler)
+    package.setLevel(logging.INFO)
+    package.propagate = False
     try:
         yield
     finally:
         for handler in handlers:
-            log.removeHandler(handler)
+            package.removeHandler(handler)
             handler.close()
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
+        package.setLevel(saved[0])
+        package.propagate = saved[1]
 
 
 def log_start(run: Any) -> None:
@@ -57,6 +59,13 @@ def log_start(run: Any) -> None:
     log.info("iterations %d -> %d; parameters: student backbone %s, heads %s", run.start_iter, run.total_iters,
              f"{n_backbone:,}", f"{n_heads:,}")
     log.info("run directory %s", run.run_dir)
+    sched = run.step.schedules
+    if sched.stop_iteration < sched.total_iterations:
+        frozen = sched.stop_iteration <= sched.freeze_last_layer_iterations
+        log.warning("train.max_iterations=%d cuts the %d-iteration schedule: the run stops with the lr at %.3g "
+                    "(peak %.3g)%s; to fit every schedule into a short run, use train.iterations=%d instead",
+                    sched.stop_iteration, sched.total_iterations, sched.lr(sched.stop_iteration - 1), sched.peak_lr,
+                    ", the head's last layer never trained" if frozen else "", sched.stop_iteration)
 
 
 def log_period(record: Dict[str, Any], total_iters: int) -> None:

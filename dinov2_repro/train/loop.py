@@ -169,7 +169,7 @@ def build_run(cfg, run_dir: Path, resume: bool, dist_env, data_loader_fn, stop: 
     # Unreadable files seen by this rank; the totals of earlier segments of the run are carried by rank 0.
     skipped = {"count": int(counters["skipped_files"]) if dist_env.is_main else 0,
                "paths": set(counters["skipped_paths"]) if dist_env.is_main else set()}
-    run = Run(cfg, run_dir, dist_env, device, step, start_iter, step.schedules.total_iterations, data_iter,
+    run = Run(cfg, run_dir, dist_env, device, step, start_iter, step.schedules.stop_iteration, data_iter,
               counters, skipped)
     if run.is_main:
         log_start(run)

@@ -62,11 +62,16 @@ def scaled_lr(base_lr: float, global_batch: int, scaling_rule: str) -> float:
     raise ValueError(f"optim.scaling_rule={scaling_rule!r} is not one of ('sqrt_wrt_1024', 'linear_wrt_256', 'none')")
 
 
+def _in_iterations(length: float) -> int:
+    """A schedule length in iterations, rounded half up (epochs x a possibly fractional epoch)."""
+    return int(math.floor(length + 0.5))
+
+
 @dataclass(frozen=True)
 class Schedules:
     """All per-iteration hyper-parameters; `at(iteration)` gives them as a dict."""
 
-    total_iterations: int
+    total_iterations: int  # the schedules' length: the cosines end here
     peak_lr: float
     min_lr: float
     lr_warmup_iterations: int
@@ -78,33 +83,41 @@ class Schedules:
     warmup_teacher_temp: float
     teacher_temp: float
     teacher_temp_warmup_iterations: int
+    stop_iteration: int = 0  # where the run stops: total_iterations, or earlier with train.max_iterations
 
     @classmethod
-    def from_config(cls, cfg: Any, global_batch: int, total_iterations: Optional[int] = None) -> "Schedules":
+    def from_config(cls, cfg: Any, global_batch: int) -> "Schedules":
         """global_batch: samples per optimiser step (batch_size_per_gpu x world size x grad_accum_steps).
 
-        total_iterations defaults to train.max_iterations when > 0, else optim.epochs x official_epoch_length:
-        the schedules always span the run that is actually trained.
+        The schedules span ``optim.epochs`` epochs of ``train.official_epoch_length`` iterations, or, with
+        ``train.iterations = N``, N iterations with every epoch-based length scaled to fit (an epoch is then
+        N / optim.epochs iterations). ``train.max_iterations`` stops the run earlier without changing any schedule.
         """
-        epoch = int(cfg.train.official_epoch_length)
-        if total_iterations is None:
-            total_iterations = int(cfg.train.max_iterations) or int(cfg.optim.epochs) * epoch
-        if total_iterations < 1:
-            raise ValueError(f"total iterations must be >= 1 (train.max_iterations={cfg.train.max_iterations}, "
-                             f"optim.epochs={cfg.optim.epochs}, train.official_epoch_length={epoch})")
+        epochs = int(cfg.optim.epochs)
+        if int(cfg.train.iterations) > 0:
+            total, epoch = int(cfg.train.iterations), int(cfg.train.iterations) / max(epochs, 1)
+        else:
+            epoch = int(cfg.train.official_epoch_length)
+            total = epochs * epoch
+        stop = int(cfg.train.max_iterations) or total
+        if not 1 <= stop <= total:
+            raise ValueError(f"the run must stop within its schedule: train.max_iterations={cfg.train.max_iterations}"
+                             f", schedule {total} iterations (optim.epochs={epochs}, train.iterations="
+                             f"{cfg.train.iterations}, train.official_epoch_length={cfg.train.official_epoch_length})")
         return cls(
-            total_iterations=total_iterations,
+            total_iterations=total,
             peak_lr=scaled_lr(float(cfg.optim.base_lr), global_batch, str(cfg.optim.scaling_rule)),
             min_lr=float(cfg.optim.min_lr),
-            lr_warmup_iterations=int(cfg.optim.warmup_epochs) * epoch,
-            freeze_last_layer_iterations=int(cfg.optim.freeze_last_layer_epochs) * epoch,
+            lr_warmup_iterations=_in_iterations(float(cfg.optim.warmup_epochs) * epoch),
+            freeze_last_layer_iterations=_in_iterations(float(cfg.optim.freeze_last_layer_epochs) * epoch),
             weight_decay=float(cfg.optim.weight_decay),
             weight_decay_end=float(cfg.optim.weight_decay_end),
             momentum_teacher=float(cfg.teacher.momentum_teacher),
             final_momentum_teacher=float(cfg.teacher.final_momentum_teacher),
             warmup_teacher_temp=float(cfg.teacher.warmup_teacher_temp),
             teacher_temp=float(cfg.teacher.teacher_temp),
-            teacher_temp_warmup_iterations=int(cfg.teacher.warmup_teacher_temp_epochs) * epoch,
+            teacher_temp_warmup_iterations=_in_iterations(float(cfg.teacher.warmup_teacher_temp_epochs) * epoch),
+            stop_iteration=stop,
         )
 
     def lr(self, iteration: int) -> float:
