@@ -280,3 +280,11 @@ def test_short_runs_scale_the_schedules_or_say_that_they_cut_them(tmp_path, monk
     log_text = (cut / "train.log").read_text()
     assert "train.max_iterations=3 cuts the 10-iteration schedule" in log_text
     assert "the head's last layer never trained" in log_text and "train.iterations=3 instead" in log_text
+
+
+def test_train_flags_match_the_other_commands_and_key_value_wins(tmp_path):
+    args = engine.build_parser().parse_intermixed_args(
+        ["--config", "demo_cpu", "--data", str(tmp_path), "--no-progress", "--iterations", "50", "train.iterations=60"])
+    cfg = load_config(args.config, engine.flag_overrides(args) + args.overrides)
+    assert cfg.data.path == str(tmp_path) and cfg.logging.progress_bar is False
+    assert cfg.train.iterations == 60  # the explicit key=value comes last

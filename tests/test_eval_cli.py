@@ -84,6 +84,29 @@ def test_errors_name_the_key_or_spec(data, tmp_path, capsys):
     assert "missing" in capsys.readouterr().err
 
 
+def test_bad_data_fails_before_the_backbone_loads_and_leaves_nothing_and_later_errors_reach_the_log(
+        data, tmp_path, capsys, monkeypatch):
+    import dinov2_repro.eval.backbone_spec as backbone_spec
+
+    loaded = []
+    monkeypatch.setattr(backbone_spec, "load_backbone", lambda *a, **k: loaded.append(a) or load_backbone(*a, **k))
+    out = tmp_path / "out"
+    assert main(["knn", "--backbone", TINY, "--data", str(tmp_path / "missing"), "--output-dir", str(out)]) == 2
+    assert "missing" in capsys.readouterr().err
+    assert loaded == [] and not out.exists()  # no backbone loaded, no folder left behind
+
+    import dinov2_repro.eval.runner as runner
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("feature extraction broke")
+
+    monkeypatch.setattr(runner, "evaluate_features", broken)
+    with pytest.raises(RuntimeError):
+        evaluate("knn", load_eval_config(default_preset("knn"), ["progress=false", "data.num_workers=0"]), data, out,
+                 spec=TINY, echo=False)
+    assert "[knn] error: RuntimeError: feature extraction broke" in (out / "eval.log").read_text()
+
+
 class IntensityOneHot(torch.nn.Module):
     """A stand-in backbone whose features are the one-hot of the class encoded by the image intensity."""
 
@@ -127,3 +150,24 @@ def test_finetune_cli_checkpoints_the_best_model(data, tmp_path):
     saved = torch.load(best, map_location="cpu", weights_only=False)
     torch.testing.assert_close(model.state_dict()["norm.weight"], saved["backbone"]["norm.weight"])
     assert saved["epoch"] == run["selection"]["best_epoch"]
+
+
+def test_a_small_validation_split_warns_with_counts_and_ties_are_reported(data, tmp_path):
+    from dinov2_repro.eval.runner import small_validation_warning
+
+    out = tmp_path / "knn"
+    assert main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(out), *FAST,
+                 "knn.ks=[1,2,3]"]) == 0
+    log_text = (out / "eval.log").read_text()
+    assert "WARNING: the validation split is small (3 images; per class {'class0': 1, 'class1': 1, 'class2': 1})" \
+        in log_text
+    selection = json.loads((out / "metrics.json").read_text())["runs"][0]["selection"]
+    accuracies = list(selection["val_accuracy_per_k"].values())
+    assert selection["n_tied"] == accuracies.count(max(accuracies))
+    assert selection["n_tied"] == 3  # three well-separated grey levels: every k is perfect on validation
+    if selection["n_tied"] > 1:  # the smallest k wins, and the report says so
+        assert selection["k"] == min(int(k) for k, a in selection["val_accuracy_per_k"].items() if a == max(accuracies))
+        assert "tied at the best validation accuracy; the tie was broken by the smallest k" in \
+            (out / "report.md").read_text()
+    assert small_validation_warning({"val": {"a": 10, "b": 40}}) is None
+    assert "per class {'a': 9, 'b': 41}" in small_validation_warning({"val": {"a": 9, "b": 41}})

@@ -138,12 +138,19 @@ def per_class_table(metrics: Dict[str, Any]) -> List[str]:
     return lines
 
 
+def _ties(sel: Dict[str, Any], what: str) -> str:
+    tied = sel.get("n_tied", 1)
+    return (f" {tied} {what} tied at the best validation accuracy; the tie was broken by {sel['tie_break']}."
+            if tied > 1 else "")
+
+
 def _selection_lines(mode: str, run: Dict[str, Any]) -> List[str]:
     sel = run["selection"]
     if mode == "linear":
         lines = [f"Selected on the validation split: **{sel['features']}, lr {sel['lr']:g}** "
                  f"(val accuracy {_num(sel['val_accuracy'], True)}%, {sel['n_heads']} heads trained for "
-                 f"{sel['iterations']} iterations).", "", "Best heads on the validation split:", "",
+                 f"{sel['iterations']} iterations).{_ties(sel, 'heads')}", "", "Best heads on the validation split:",
+                 "",
                  "| features | lr | val accuracy | val loss |", "|---|---|---|---|"]
         table = sorted(sel["table"], key=lambda r: (-r["val_accuracy"], r["val_loss"]))[:8]
         lines += [f"| {r['features']} | {r['lr']:g} | {_num(r['val_accuracy'], True)} | {r['val_loss']:.4f} |"
@@ -152,7 +159,7 @@ def _selection_lines(mode: str, run: Dict[str, Any]) -> List[str]:
     if mode == "knn":
         accs = ", ".join(f"k={k}: {_num(a, True)}%" for k, a in sel["val_accuracy_per_k"].items())
         return [f"Selected on the validation split: **k = {sel['k']}** (T = {sel['temperature']}); "
-                f"validation accuracy per k: {accs}."]
+                f"validation accuracy per k: {accs}.{_ties(sel, 'values of k')}"]
     return [f"Best epoch on the validation split: **{sel['best_epoch']}** of {sel['epochs_run']} run "
             f"(val accuracy {_num(sel['val_accuracy'], True)}%, peak lr {sel['peak_lr']:.3g}); "
             f"checkpoint: `{sel.get('checkpoint') or 'not saved'}`."]

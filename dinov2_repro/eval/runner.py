@@ -92,6 +92,8 @@ def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fra
         selection=dict(features=choice.name, n_blocks=choice.n_blocks, avgpool=choice.avgpool,
                        lr=probe.learning_rates[i], val_accuracy=float(probe.val_accuracy[c, i]),
                        val_loss=float(probe.val_loss[c, i]), n_heads=len(probe.choices) * len(probe.learning_rates),
+                       n_tied=int((probe.val_accuracy == probe.val_accuracy.max()).sum()),
+                       tie_break="lowest validation loss, then the first in the grid",
                        iterations=probe.iterations, table=probe.selection_table()),
         val=classification_metrics(features["val"].labels, val_probs.argmax(1), val_probs, classes),
         test=test, test_dedup=dedup, curves=probe.curves, probe=probe,
@@ -118,7 +120,8 @@ def knn_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fracti
     return dict(
         fraction=fraction, seed=seed, n_train=len(train),
         selection=dict(k=k, temperature=float(cfg.knn.temperature), ks_requested=list(cfg.knn.ks), ks=ks,
-                       val_accuracy=val_accuracy[k], val_accuracy_per_k=val_accuracy, backend=cfg.knn.backend),
+                       val_accuracy=val_accuracy[k], val_accuracy_per_k=val_accuracy, backend=cfg.knn.backend,
+                       n_tied=sum(a == val_accuracy[k] for a in val_accuracy.values()), tie_break="the smallest k"),
         val=classification_metrics(features["val"].labels, val_probs[k].argmax(1), val_probs[k], classes),
         test=test, test_dedup=dedup, curves={},
         test_predictions=_predictions(features["test"].paths, features["test"].labels, test_probs))
@@ -168,11 +171,28 @@ def evaluate_features(mode: str, features: Dict[str, FeatureSet], classes: Seque
 
 
 def _selection_text(mode: str, selection: Dict[str, Any]) -> str:
+    tied = selection.get("n_tied", 1)
+    ties = f" ({tied} tied at the best validation accuracy; chosen by {selection['tie_break']})" if tied > 1 else ""
     if mode == "linear":
-        return f"{selection['features']} lr {selection['lr']:g}"
+        return f"{selection['features']} lr {selection['lr']:g}{ties}"
     if mode == "knn":
-        return f"k={selection['k']}"
+        return f"k={selection['k']}{ties}"
     return f"epoch {selection['best_epoch']}"
+
+
+MIN_VAL_PER_CLASS, MIN_VAL = 10, 50  # below these, one validation image moves the selection metric by > 2 points
+
+
+def small_validation_warning(counts: Dict[str, Dict[str, int]]) -> Optional[str]:
+    """A warning when the validation split is too small to choose heads, k or an epoch reliably."""
+    val = counts["val"]
+    total = sum(val.values())
+    if total >= MIN_VAL and min(val.values(), default=0) >= MIN_VAL_PER_CLASS:
+        return None
+    return (f"the validation split is small ({total} images; per class {val}): one image moves validation "
+            f"accuracy by {100 / max(total, 1):.1f} points, so several heads or k may tie and the choice is noisy; "
+            f"raise data.val_fraction or give a larger validation split (wanted: >= {MIN_VAL} images, "
+            f">= {MIN_VAL_PER_CLASS} per class)")
 
 
 # ------------------------------------------------------------------------------------------------ entry point
@@ -183,12 +203,7 @@ def evaluate(mode: str, cfg, data_path, output_dir, *, spec: Optional[str] = Non
     Give either ``spec`` (see `backbone_spec`) or ``backbone=(module, info)`` (``info`` from `load_backbone` or
     `describe_module`). Returns the result dict (also in metrics.json) with ``report`` = the report path.
     """
-    from omegaconf import OmegaConf
-
     from .backbone_spec import environment_device, load_backbone
-    from .dedup import cached_image_hashes, near_duplicates
-    from .features import EvalTransform, cached_features, resolve_sizes
-    from .report import write_json, write_report
     from .splits import build_eval_splits
 
     if mode not in ("linear", "knn", "finetune"):
@@ -197,20 +212,40 @@ def evaluate(mode: str, cfg, data_path, output_dir, *, spec: Optional[str] = Non
         raise ValueError("give exactly one of spec= or backbone=")
     start = time.perf_counter()
     output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = _Log(output_dir / "eval.log", echo)
+    splits = build_eval_splits(data_path, cfg.data)  # a bad --data fails before any loading or writing
     device = environment_device(cfg.device)
     if backbone is None:
-        log(f"[{mode}] loading backbone {spec}")
+        if echo:
+            print(f"[{mode}] loading backbone {spec}", flush=True)
         model, info = load_backbone(spec, device)
     else:
         model, info = backbone
         model = model.to(device).eval()
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = _Log(output_dir / "eval.log", echo)
+    try:
+        return _evaluate(mode, cfg, data_path, output_dir, splits, model, info, device, log, start)
+    except Exception as exc:  # the log says why the run stopped, not only the terminal
+        log(f"[{mode}] error: {type(exc).__name__}: {exc}")
+        raise
+
+
+def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: Dict[str, Any], device, log,
+              start: float) -> Dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from .dedup import cached_image_hashes, near_duplicates
+    from .features import EvalTransform, cached_features, resolve_sizes
+    from .report import write_json, write_report
+
+    log(f"[{mode}] backbone {info.get('spec')}")
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    splits = build_eval_splits(data_path, cfg.data)
     for note in splits.notes:
         log(f"[data] NOTE: {note}")
     counts = splits.counts()
+    warning = small_validation_warning(counts)
+    if warning:
+        log(f"[data] WARNING: {warning}")
     log(f"[data] {data_path}: classes {splits.classes}; train {sum(counts['train'].values())}, "
         f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())} images")
     write_json(output_dir / "splits.json", dict(

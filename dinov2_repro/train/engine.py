@@ -152,12 +152,22 @@ def build_parser() -> argparse.ArgumentParser:
                         help="continue from <output-dir>/checkpoints/latest when present (default)")
     parser.add_argument("--no-resume", dest="resume", action="store_false",
                         help="start from scratch; refuses a directory that already holds checkpoints")
+    parser.add_argument("--data", default=None, metavar="DIR_OR_CSV",
+                        help="the images to pretrain on; same as data.path=... (labels, if any, are not used)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (logging.progress_bar=false)")
     parser.add_argument("--iterations", type=int, default=0, metavar="N",
                         help="train for N iterations with every schedule (lr warm-up, last-layer freeze, teacher "
                              "temperature, the cosines) scaled to fit: the way to shorten a run; same as "
                              "train.iterations=N. train.max_iterations=N instead stops early and cuts the schedules")
     parser.add_argument("overrides", nargs="*", help="config overrides key=value, e.g. train.batch_size_per_gpu=32")
     return parser
+
+
+def flag_overrides(args) -> List[str]:
+    """The CLI flags as config overrides, before the explicit key=value ones (which win)."""
+    overrides = [f"data.path={args.data}"] if args.data else []
+    overrides += ["logging.progress_bar=false"] if args.no_progress else []
+    return overrides + ([f"train.iterations={args.iterations}"] if args.iterations else [])
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -173,8 +183,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_intermixed_args(argv)  # options and key=value overrides in any order
     try:
-        overrides = args.overrides + ([f"train.iterations={args.iterations}"] if args.iterations else [])
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, flag_overrides(args) + args.overrides)
         train(cfg, output_dir=args.output_dir, resume=args.resume)
     except (ConfigError, DistEnvError, FileNotFoundError, CheckpointError, RunDirError, WeightsError) as error:
         print(f"dinov2-repro train: error: {error}", file=sys.stderr)
