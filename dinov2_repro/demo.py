@@ -110,8 +110,17 @@ def verdict_text(comparison: Dict[str, Dict[str, Any]], train_log: str, loss_cur
             f"demo preset\") gives the margins measured over pretraining seeds.{tail}")
 
 
+# What the first paragraph of the report says, by the linear probe's paired verdict (eval/compare.py).
+FINDING = {
+    "better": "on this data the self-supervised pretraining learnt features that beat random ones",
+    "inconclusive": "on this data the pretraining did not clearly beat random features (see the warning below)",
+    "worse": "on this data the pretrained features were WORSE than random ones (see the warning below)",
+}
+
+
 def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str, Any], data: Dict[str, Any],
-                      timings: Dict[str, float], comparison: Dict[str, Dict[str, Any]], run_dir: Path) -> None:
+                      timings: Dict[str, float], comparison: Dict[str, Dict[str, Any]], run_dir: Path,
+                      pretrained_linear: Dict[str, Any]) -> None:
     out = path.parent
 
     def rel(p: str) -> str:
@@ -124,8 +133,8 @@ def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str
     lines = [
         "# dinov2_repro demo: DINOv2 pretraining on synthetic brain-MRI phantoms", "",
         "The images are procedurally generated phantoms (glioma, meningioma, notumor, pituitary), **not patient "
-        "data**: these numbers show that the pipeline runs end to end and that self-supervised pretraining learns "
-        "useful features; they say nothing about clinical performance.", "",
+        "data**: these numbers show that the pipeline runs end to end, and " + FINDING[comparison["linear"]["verdict"]]
+        + "; they say nothing about clinical performance.", "",
         f"- Data: `{rel(data['path'])}`: {data['train']} train / {data['val']} val (held out of train) / "
         f"{data['test']} test images",
         f"- Pretraining: `{rel(str(run_dir))}`: {pretrain.get('iterations')} iterations, "
@@ -146,7 +155,19 @@ def write_demo_report(path: Path, rows: List[Dict[str, Any]], pretrain: Dict[str
               "bootstrap over the test images (`dinov2_repro/eval/compare.py`): it covers the test-set noise, not "
               "the spread over pretraining seeds.", "",
               f"![pretraining losses]({rel(str(run_dir / 'loss_curves.png'))})", ""]
+    lines += pretrained_detail(pretrained_linear, rel)
     path.write_text("\n".join(lines) + "\n")
+
+
+def pretrained_detail(linear_result: Dict[str, Any], rel) -> List[str]:
+    """The pretrained backbone's linear probe on the test split: per-class table and confusion matrix."""
+    from .eval.report import headline_with_intervals, per_class_table
+
+    test = linear_result["runs"][linear_result["main_run"]]["test"]
+    report_dir = Path(linear_result["report"]).parent
+    return ["## Pretrained backbone, linear probe, per class (test split)", "", headline_with_intervals(test), "",
+            *per_class_table(test), "",
+            f"![confusion matrix]({rel(str(report_dir / 'confusion_matrix.png'))})", ""]
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -217,7 +238,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     counts = any_result["data"]["counts"]
     data = dict(path=str(data_dir), **{split: sum(counts[split].values()) for split in ("train", "val", "test")})
     report = out / "report.md"
-    write_demo_report(report, rows, pretrain, data, timings, comparison, run_dir)
+    write_demo_report(report, rows, pretrain, data, timings, comparison, run_dir, any_result)
     (out / "demo_summary.json").write_text(json.dumps(dict(rows=rows, comparison=comparison, timings=timings,
                                                            pretrain=pretrain, data=data), indent=2, default=str))
     print(format_table(rows))
@@ -227,8 +248,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if linear["verdict"] == "better":
         print(f"\npretrained beats random on the linear probe: {spread}")
     else:
-        print(f"\nWARNING: pretrained does NOT clearly beat random on the linear probe ({spread}); "
-              f"see {run_dir / 'train.log'}")
+        what = "is WORSE than" if linear["verdict"] == "worse" else "does NOT clearly beat"
+        print(f"\nWARNING: pretrained {what} random on the linear probe ({spread}); see {run_dir / 'train.log'}")
     print(f"total {timings['total']:.0f} s; report: {report}")
     return 0
 

@@ -39,9 +39,15 @@ def test_demo_smoke(tmp_path, capsys):
     assert linear["difference"] == pytest.approx(pre - rnd) and linear["n"] == 4
     assert linear["low"] <= linear["difference"] <= linear["high"]
     rows = (out / "eval" / "pretrained" / "linear" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "fraction,seed,path,label,predicted,correct" and len(rows) == 1 + 4
+    assert rows[0].startswith("fraction,seed,path,label,predicted,correct,p_") and len(rows) == 1 + 4
     report = (out / "report.md").read_text()
     assert "not patient data" in report and "eval/pretrained/linear/report.md" in report
+    # the wording follows the measured verdict, and the pretrained probe's per-class table and confusion matrix show
+    from dinov2_repro.demo import FINDING
+
+    assert FINDING[linear["verdict"]] in report
+    assert sum(finding in report for finding in FINDING.values()) == 1
+    assert "| class | sensitivity (recall) |" in report and "eval/pretrained/linear/confusion_matrix.png" in report
     for tag in ("pretrained", "random"):
         for mode in ("linear", "knn"):
             assert (out / "eval" / tag / mode / "metrics.json").is_file()

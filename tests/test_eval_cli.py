@@ -56,12 +56,20 @@ def test_linear_cli_writes_everything_and_separates_the_classes(data, tmp_path):
         "class0": 1, "class1": 1, "class2": 1}
     report = (out / "report.md").read_text()
     assert "![Confusion matrix (test)](confusion_matrix.png)" in report and "± " in report
+    assert "![Reliability diagram (test)](reliability.png)" in report and (out / "reliability.png").is_file()
+    assert "| class | sensitivity (recall) | 95% interval | specificity |" in report
+    assert "accuracy **100.00%** [100.00, 100.00]" in report and "Expected calibration error" in report
+    assert main_run["test"]["intervals"]["accuracy"] == [1.0, 1.0]
     # one predictions.csv row per (fraction, seed) run and test image, agreeing with each run's accuracy
     rows = [line.split(",") for line in (out / "predictions.csv").read_text().splitlines()]
-    assert rows[0] == ["fraction", "seed", "path", "label", "predicted", "correct"] and len(rows) == 1 + 4 * 12
+    assert rows[0] == ["fraction", "seed", "path", "label", "predicted", "correct", "p_class0", "p_class1",
+                       "p_class2"] and len(rows) == 1 + 4 * 12
     for run in metrics["runs"]:
         mine = [r for r in rows[1:] if (float(r[0]), int(r[1])) == (run["fraction"], run["seed"])]
         assert len(mine) == 12 and all(r[5] == str(int(r[3] == r[4])) for r in mine)
+        probs = np.array([[float(v) for v in r[6:]] for r in mine])
+        assert np.allclose(probs.sum(1), 1.0, atol=1e-5)  # a distribution per image, whose argmax is the prediction
+        assert [f"class{i}" for i in probs.argmax(1)] == [r[4] for r in mine]
         assert sum(int(r[5]) for r in mine) / 12 == pytest.approx(run["test"]["accuracy"])
     assert "test_predictions" not in main_run  # kept out of metrics.json
     # a second run hits the feature cache

@@ -67,3 +67,48 @@ def test_summarize_runs_mean_and_sample_std():
     assert s["mean"] == pytest.approx(0.9) and s["std"] == pytest.approx(0.1) and s["n"] == 3
     assert summarize_runs([0.7])["std"] == 0.0
     assert math.isnan(summarize_runs([])["mean"])
+
+
+def test_sensitivity_and_specificity_hand_computed():
+    # true 0 0 1 1 2, pred 0 1 1 1 0: class 0 has negatives {2, 3, 4} and one false positive (image 4)
+    m = classification_metrics([0, 0, 1, 1, 2], [0, 1, 1, 1, 0], class_names=["a", "b", "c"])
+    assert [m["per_class"][c]["sensitivity"] for c in "abc"] == pytest.approx([0.5, 1.0, 0.0])
+    assert [m["per_class"][c]["specificity"] for c in "abc"] == pytest.approx([2 / 3, 2 / 3, 1.0])
+
+
+def test_bootstrap_intervals_equal_a_plain_loop_over_the_same_resamples():
+    from sklearn.metrics import balanced_accuracy_score, f1_score, recall_score
+
+    from dinov2_repro.eval.metrics import bootstrap_intervals
+
+    rng = np.random.default_rng(3)
+    y_true = rng.integers(0, 3, 60)
+    y_pred = np.where(rng.random(60) < 0.7, y_true, rng.integers(0, 3, 60))
+    fast = bootstrap_intervals(y_true, y_pred, 3, ["a", "b", "c"], n_resamples=200, seed=5)
+    idx = np.random.default_rng(5).integers(0, 60, size=(200, 60))
+    plain = {"accuracy": [], "balanced_accuracy": [], "macro_f1": [], "b": []}
+    for row in idx:
+        t, p = y_true[row], y_pred[row]
+        plain["accuracy"].append((t == p).mean())
+        plain["balanced_accuracy"].append(balanced_accuracy_score(t, p))
+        plain["macro_f1"].append(f1_score(t, p, labels=np.unique(t), average="macro", zero_division=0))
+        plain["b"].append(recall_score(t, p, labels=[1], average="macro", zero_division=0))
+    for key in ("accuracy", "balanced_accuracy", "macro_f1"):
+        assert fast[key] == pytest.approx(list(np.percentile(plain[key], [2.5, 97.5])), abs=1e-12), key
+    assert fast["recall"]["b"] == pytest.approx(list(np.percentile(plain["b"], [2.5, 97.5])), abs=1e-12)
+    assert fast["accuracy"][0] < (y_true == y_pred).mean() < fast["accuracy"][1]
+    perfect = bootstrap_intervals(y_true, y_true, 3, ["a", "b", "c"], n_resamples=50)
+    assert perfect["accuracy"] == perfect["macro_f1"] == [1.0, 1.0]
+
+
+def test_expected_calibration_error_hand_computed():
+    # confidences 0.95 (right), 0.95 (wrong), 0.55 (right), 0.55 (right): bins 14 and 8 of 15, each half the data:
+    # ECE = 0.5 * |0.5 - 0.95| + 0.5 * |1.0 - 0.55| = 0.45
+    probs = np.array([[0.95, 0.05, 0.0], [0.95, 0.05, 0.0], [0.55, 0.45, 0.0], [0.0, 0.45, 0.55]])
+    m = classification_metrics([0, 1, 0, 2], probs.argmax(1), probs, class_names=["a", "b", "c"])
+    cal = m["calibration"]
+    assert cal["ece"] == pytest.approx(0.45)
+    assert cal["bins"][14] == dict(low=14 / 15, high=1.0, count=2, confidence=pytest.approx(0.95), accuracy=0.5)
+    assert cal["bins"][8]["count"] == 2 and cal["bins"][8]["accuracy"] == 1.0
+    assert sum(b["count"] for b in cal["bins"]) == 4
+    assert classification_metrics([0, 1], [0, 1])["calibration"] is None  # no probabilities, no calibration

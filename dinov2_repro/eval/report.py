@@ -74,8 +74,12 @@ def plot_confusion_matrix(matrix: Sequence[Sequence[int]], classes: Sequence[str
     fig.savefig(path)
 
 
-def plot_curves(curves: Dict[str, List[float]], path: os.PathLike, x_key: str, title: str = "") -> None:
-    """Training / validation loss (left) and accuracy (right) against ``x_key`` (iteration or epoch)."""
+def plot_curves(curves: Dict[str, List[float]], path: os.PathLike, x_key: str, title: str = "",
+                selected: Optional[float] = None) -> None:
+    """Training / validation loss (left) and accuracy (right) against ``x_key`` (iteration or epoch), whole-number
+    ticks, and the ``selected`` epoch (or iteration) marked."""
+    from matplotlib.ticker import MaxNLocator
+
     x = curves[x_key]
     fig, (loss_ax, acc_ax) = _figure(10, 3.6, ncols=2)
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
@@ -88,6 +92,9 @@ def plot_curves(curves: Dict[str, List[float]], path: os.PathLike, x_key: str, t
     acc_ax.set_ylabel("accuracy")
     for ax in (loss_ax, acc_ax):
         ax.set_xlabel(x_key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if selected is not None:
+            ax.axvline(selected, color="red", linestyle=":", linewidth=1.2, label=f"selected ({x_key} {selected:g})")
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title, fontsize=10)
@@ -126,16 +133,58 @@ def _num(value: Optional[float], percent: bool = False) -> str:
     return f"{value * 100:.2f}" if percent else f"{value:.3f}"
 
 
+def _ci(interval: Optional[Sequence[float]], percent: bool = False) -> str:
+    if not interval:
+        return "n/a"
+    return f"[{_num(interval[0], percent)}, {_num(interval[1], percent)}]"
+
+
 def per_class_table(metrics: Dict[str, Any]) -> List[str]:
-    lines = ["| class | precision | recall | F1 | ROC-AUC | support |", "|---|---|---|---|---|---|"]
+    recall_ci = (metrics.get("intervals") or {}).get("recall", {})
+    lines = ["| class | sensitivity (recall) | 95% interval | specificity | precision | F1 | ROC-AUC | support |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, row in metrics["per_class"].items():
-        lines.append(f"| {name} | {_num(row['precision'])} | {_num(row['recall'])} | {_num(row['f1'])} | "
+        lines.append(f"| {name} | {_num(row['recall'])} | {_ci(recall_ci.get(name))} | "
+                     f"{_num(row.get('specificity'))} | {_num(row['precision'])} | {_num(row['f1'])} | "
                      f"{_num(row['roc_auc'])} | {row['support']} |")
     for label, key in (("macro avg", "macro_avg"), ("weighted avg", "weighted_avg")):
         row = metrics[key]
-        lines.append(f"| *{label}* | {_num(row['precision'])} | {_num(row['recall'])} | {_num(row['f1'])} | "
+        lines.append(f"| *{label}* | {_num(row['recall'])} | | | {_num(row['precision'])} | {_num(row['f1'])} | "
                      f"{_num(row['roc_auc'])} | {metrics['n_samples']} |")
     return lines
+
+
+def headline_with_intervals(metrics: Dict[str, Any]) -> str:
+    """Accuracy, balanced accuracy and macro-F1 with their bootstrap intervals, and the calibration error."""
+    ci = metrics.get("intervals") or {}
+    text = (f"Test: accuracy **{_num(metrics['accuracy'], True)}%** {_ci(ci.get('accuracy'), True)}, balanced "
+            f"accuracy {_num(metrics['balanced_accuracy'], True)}% {_ci(ci.get('balanced_accuracy'), True)}, macro-F1 "
+            f"{_num(metrics['macro_avg']['f1'], True)}% {_ci(ci.get('macro_f1'), True)}, on {metrics['n_samples']} "
+            f"images (95% percentile-bootstrap intervals over the test images, {ci.get('n_resamples', 0)} resamples).")
+    if metrics.get("calibration"):
+        text += (f" Expected calibration error {_num(metrics['calibration']['ece'], True)}% "
+                 f"({metrics['calibration']['n_bins']} confidence bins; the reliability diagram below).")
+    return text
+
+
+def plot_reliability(calibration: Dict[str, Any], path: os.PathLike, title: str = "") -> None:
+    """Accuracy against mean top-class confidence per bin (the diagonal is perfect calibration), with counts."""
+    bins = [b for b in calibration["bins"] if b["count"]]
+    width = 1.0 / calibration["n_bins"]
+    fig, (ax,) = _figure(4.6, 4.2)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="perfect calibration")
+    ax.bar([b["low"] for b in bins], [b["accuracy"] for b in bins], width=width, align="edge", alpha=0.7,
+           edgecolor="black", label="accuracy per confidence bin")
+    for b in bins:
+        ax.text(b["low"] + width / 2, min(b["accuracy"] + 0.02, 0.97), str(b["count"]), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("top-class confidence")
+    ax.set_ylabel("accuracy")
+    ax.legend(fontsize=8, loc="upper left")
+    ax.set_title(f"{title}\nECE {calibration['ece'] * 100:.2f}% (numbers: images per bin)", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _ties(sel: Dict[str, Any], what: str) -> str:
@@ -203,19 +252,19 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
     lines += [f"## Main run (train fraction {main['fraction']:.0%}, seed {main['seed']}, {main['n_train']} "
               f"training images)", ""]
     lines += _selection_lines(mode, main) + [""]
-    lines += [f"Test: accuracy **{_num(main['test']['accuracy'], True)}%**, balanced accuracy "
-              f"{_num(main['test']['balanced_accuracy'], True)}%, on {main['test']['n_samples']} images.", ""]
+    lines += [headline_with_intervals(main["test"]), ""]
     if main["test"]["absent_classes"]:
         lines += [f"Classes absent from the test split (no recall / ROC-AUC): {main['test']['absent_classes']}", ""]
     lines += per_class_table(main["test"]) + [""]
-    for key, caption in (("confusion_matrix", "Confusion matrix (test)"), ("curves", "Training curves"),
-                         ("label_efficiency", "Label efficiency")):
+    for key, caption in (("confusion_matrix", "Confusion matrix (test)"), ("reliability", "Reliability diagram (test)"),
+                         ("curves", "Training curves"), ("label_efficiency", "Label efficiency")):
         if key in figures:
             lines += [f"![{caption}]({figures[key]})", ""]
     if main.get("skipped"):
         lines += [f"Unreadable images left out: {main['skipped']}", ""]
     lines += ["## Files", "", "- `metrics.json`: every run's metrics, selections and curves; `config.yaml`: the "
-              "resolved eval config; `splits.json`: the images of each split."]
+              "resolved eval config; `splits.json`: the images of each split; `predictions.csv`: every test "
+              "image's label, prediction and class probabilities."]
     return "\n".join(lines) + "\n"
 
 
@@ -229,10 +278,14 @@ def write_report(output_dir: os.PathLike, result: Dict[str, Any]) -> Path:
     plot_confusion_matrix(main["test"]["confusion_matrix"], main["test"]["classes"],
                           output_dir / "confusion_matrix.png", title=f"{title}\n(test split)")
     figures["confusion_matrix"] = "confusion_matrix.png"
+    if main["test"].get("calibration"):
+        plot_reliability(main["test"]["calibration"], output_dir / "reliability.png", title=f"{title} (test split)")
+        figures["reliability"] = "reliability.png"
     curves = main.get("curves") or {}
     x_key = "iteration" if "iteration" in curves else "epoch"
     if curves.get(x_key):
-        plot_curves(curves, output_dir / "curves.png", x_key, title=title)
+        selected = main["selection"].get("best_epoch") if x_key == "epoch" else None
+        plot_curves(curves, output_dir / "curves.png", x_key, title=title, selected=selected)
         figures["curves"] = "curves.png"
     if len(result["summary"]) > 1:
         plot_label_efficiency(result["summary"], output_dir / "label_efficiency.png", title=title)

@@ -51,12 +51,13 @@ def _metrics_with_dedup(labels: torch.Tensor, probs: torch.Tensor, classes: Sequ
 def _predictions(paths: Sequence[str], labels: torch.Tensor, probs: torch.Tensor) -> Dict[str, list]:
     """Per-image test predictions, kept so that two backbones can be compared image by image (paired)."""
     return dict(paths=list(paths), labels=[int(y) for y in labels.tolist()],
-                predicted=[int(y) for y in probs.argmax(1).tolist()])
+                predicted=[int(y) for y in probs.argmax(1).tolist()], probs=probs.tolist())
 
 
 def _write_predictions(path: Path, runs: List[Dict[str, Any]], predictions: List[Dict[str, list]],
                        classes: Sequence[str]) -> None:
-    """``predictions.csv``: one row per (run, test image): fraction, seed, path, label, predicted, correct."""
+    """``predictions.csv``: one row per (run, test image): fraction, seed, path, label, predicted, correct, and
+    the probability of every class (``p_<class>``)."""
     import csv
     import io
 
@@ -64,10 +65,11 @@ def _write_predictions(path: Path, runs: List[Dict[str, Any]], predictions: List
 
     buffer = io.StringIO(newline="")
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["fraction", "seed", "path", "label", "predicted", "correct"])
+    writer.writerow(["fraction", "seed", "path", "label", "predicted", "correct", *(f"p_{c}" for c in classes)])
     for run, pred in zip(runs, predictions):
-        for p, y, yhat in zip(pred["paths"], pred["labels"], pred["predicted"]):
-            writer.writerow([f"{run['fraction']:g}", run["seed"], p, classes[y], classes[yhat], int(y == yhat)])
+        for p, y, yhat, probs in zip(pred["paths"], pred["labels"], pred["predicted"], pred["probs"]):
+            writer.writerow([f"{run['fraction']:g}", run["seed"], p, classes[y], classes[yhat], int(y == yhat),
+                             *(f"{v:.6g}" for v in probs)])
     write_text(path, buffer.getvalue())
 
 
