@@ -6,3 +6,37 @@ optional dependencies are imported where they are used.
 """
 
 __version__ = "0.1.0"
+
+
+def pretrain(config="demo_cpu", data=None, output_dir=None, iterations=0, overrides=(), resume=True):
+    """Pretrain exactly as ``dinov2-repro train`` does: ``config`` is a preset name or a YAML file, ``data`` the
+    images (``data.path``), ``iterations`` a short run with every schedule scaled to it, ``overrides`` more
+    ``key=value`` strings. Returns the run summary (``run_dir``, ``export``, final losses, images/s, skipped files).
+    """
+    from .config import load_config
+    from .train.engine import train
+
+    flags = [f"data.path={data}"] if data else []
+    flags += [f"train.iterations={int(iterations)}"] if iterations else []
+    return train(load_config(config, flags + list(overrides)), output_dir=output_dir, resume=resume)
+
+
+def evaluate(mode, backbone, data, output_dir=None, config=None, overrides=()):
+    """``dinov2-repro eval MODE``: ``mode`` linear | knn | finetune, ``backbone`` any SPEC (a run directory, a
+    .pth, ``random:...``), ``data`` labelled images. Returns the result dict (also in ``metrics.json``) with the
+    report's path under ``report``."""
+    from .eval.cli import default_output_dir
+    from .eval.config import default_preset, load_eval_config
+    from .eval.runner import evaluate as run
+
+    cfg = load_eval_config(config or default_preset(mode), list(overrides))
+    return run(mode, cfg, data, output_dir or default_output_dir(mode, str(backbone)), spec=str(backbone))
+
+
+def predict(model, data, output="predictions.csv", device="auto"):
+    """``dinov2-repro predict``: class probabilities of ``data`` (an image, a folder or a CSV) from the classifier
+    that ``eval linear`` or ``eval finetune`` wrote (``model``: the file or the eval output folder). Writes
+    ``output`` and returns `Predictions` (paths, probs (N, C), classes, skipped)."""
+    from .eval.predict import predict as run
+
+    return run(str(model), str(data), str(output), device)

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "demo": ("dinov2_repro.demo", "end-to-end demo on built-in synthetic MRI: pretrain, evaluate, report"),
     "train": ("dinov2_repro.train.engine", "DINOv2 pretraining from a config (CPU, GPU, torchrun)"),
     "eval": ("dinov2_repro.eval.cli", "linear probe, k-NN or fine-tuning of a backbone on labelled images"),
+    "predict": ("dinov2_repro.eval.predict", "class probabilities of new images from an evaluated classifier"),
     "data": ("dinov2_repro.data.cli", "synthetic brain-MRI data (synth) and dataset mean/std (stats)"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),
     "submit": ("dinov2_repro.distributed.submit", "submit training or evaluation to SLURM through submitit"),

@@ -238,7 +238,8 @@ def run_finetune(backbone: nn.Module, info: Dict[str, Any], train_set, val_set, 
             stale = 0
             if checkpoint_path is not None and cfg.save_best:
                 _save_best(checkpoint_path, info, n_classes, cfg.head_input, best,
-                           dict(crop_size=crop_size, resize_size=resize_size, mean=list(mean), std=list(std)))
+                           dict(crop_size=crop_size, resize_size=resize_size, mean=list(mean), std=list(std)),
+                           list(getattr(train_set, "classes", [])))
         else:
             stale += 1
             if cfg.patience and stale >= cfg.patience:
@@ -254,7 +255,7 @@ def run_finetune(backbone: nn.Module, info: Dict[str, Any], train_set, val_set, 
 
 
 def _save_best(path: Path, info: Dict[str, Any], n_classes: int, head_input: str, best: Dict[str, Any],
-               preprocessing: Dict[str, Any]) -> None:
+               preprocessing: Dict[str, Any], classes: List[str]) -> None:
     """The best-on-val model: backbone in hub layout (loadable as a SPEC), head, and what is needed to rebuild it."""
     import os
 
@@ -267,7 +268,7 @@ def _save_best(path: Path, info: Dict[str, Any], n_classes: int, head_input: str
         head={k[len("head."):]: v for k, v in best["state"].items() if k.startswith("head.")},
         arch={k: info[k] for k in arch_keys if k in info}, n_classes=n_classes, head_input=head_input,
         epoch=best["epoch"], val_accuracy=best["accuracy"], preprocessing=preprocessing,
-        source_spec=info.get("spec"))
+        source_spec=info.get("spec"), classes=classes, kind="finetune")
     tmp = path.with_name(path.name + ".tmp")
     torch.save(payload, tmp)
     os.replace(tmp, path)

@@ -291,6 +291,12 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
                           max_distance=int(cfg.data.dedup_max_distance), duplicates=sorted(duplicate_paths))
         log(f"[data] {len(duplicate_paths)} of {len(splits.test)} test images have a near-duplicate in train/val "
             f"(difference hash within {cfg.data.dedup_max_distance} bits)")
+    if mode == "linear":  # the main run's selected head, loadable by `dinov2-repro predict`
+        from .classifier import CLASSIFIER_FILE, save_linear_classifier
+
+        probe = runs[_main_run_index(runs, list(cfg.seeds))]["probe"]
+        save_linear_classifier(output_dir / CLASSIFIER_FILE, probe, *probe.best, info, splits.classes,
+                               dict(resize_size=resize, crop_size=crop, mean=mean, std=std))
     predictions = [r.pop("test_predictions") for r in runs]  # in predictions.csv, not in metrics.json
     _write_predictions(output_dir / "predictions.csv", runs, predictions, splits.classes)
     for r in runs:

@@ -306,6 +306,14 @@ def _write_atomic(path: Path, write) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def write_tensor_file(path: os.PathLike, obj: Any) -> Path:
+    """Tensors and plain containers (what `read_weights_file` reads back), written atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    return path
+
+
 def write_export(export_dir: os.PathLike, state: Mapping[str, Tensor], description: Mapping[str, Any]) -> Path:
     """Write ``teacher_backbone.pth`` (fp32, CPU, hub layout) and ``backbone.json``, each atomically."""
     export_dir = Path(export_dir)
