@@ -21,6 +21,15 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _feature_cache_in_a_temporary_folder(tmp_path_factory):
+    # Evaluations share a content-keyed feature cache under the user's cache folder; tests keep theirs apart.
+    mp = pytest.MonkeyPatch()
+    mp.setenv("DINOV2_REPRO_CACHE", str(tmp_path_factory.mktemp("dinov2_repro_cache")))
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

@@ -72,9 +72,8 @@ def test_linear_cli_writes_everything_and_separates_the_classes(data, tmp_path):
         assert [f"class{i}" for i in probs.argmax(1)] == [r[4] for r in mine]
         assert sum(int(r[5]) for r in mine) / 12 == pytest.approx(run["test"]["accuracy"])
     assert "test_predictions" not in main_run  # kept out of metrics.json
-    # a second run hits the feature cache
-    rc = main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "knn"),
-               "--cache-dir", str(out / "feature_cache"), *FAST])
+    # a second run hits the (shared, content-keyed) feature cache
+    rc = main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "knn"), *FAST])
     assert rc == 0
     assert "cache hit" in (tmp_path / "knn" / "eval.log").read_text()
     knn = json.loads((tmp_path / "knn" / "metrics.json").read_text())
@@ -179,3 +178,14 @@ def test_a_small_validation_split_warns_with_counts_and_ties_are_reported(data, 
             (out / "report.md").read_text()
     assert small_validation_warning({"val": {"a": 10, "b": 40}}) is None
     assert "per class {'a': 9, 'b': 41}" in small_validation_warning({"val": {"a": 9, "b": 41}})
+
+
+def test_linear_and_knn_share_features_without_being_told(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("DINOV2_REPRO_CACHE", str(tmp_path / "cache"))
+    assert main(["linear", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "a"), *FAST,
+                 "linear.iterations=10"]) == 0
+    assert "cache hit" not in (tmp_path / "a" / "eval.log").read_text()
+    assert main(["knn", "--backbone", TINY, "--data", str(data), "--output-dir", str(tmp_path / "b"), *FAST]) == 0
+    log_text = (tmp_path / "b" / "eval.log").read_text()
+    assert log_text.count("cache hit") == 3 and str(tmp_path / "cache" / "features") in log_text  # train, val, test
+    assert not (tmp_path / "a" / "feature_cache").exists() and not list(data.rglob("*.pt"))  # data left alone

@@ -126,7 +126,8 @@ def resolve_split_dir(root: os.PathLike | str, split: Optional[str]) -> Path:
     if root.name.lower() == split.lower():
         return root
     available = [d.name for d in _visible_dirs(root)]
-    raise FileNotFoundError(f"split folder '{split}' not found in {root} (sub-folders: {available})")
+    raise FileNotFoundError(f"split folder '{split}' not found in {root} (sub-folders: {available}); for a folder "
+                            f"without splits set data.split= (empty), or name the split that holds the images")
 
 
 class ClassFolderDataset(ImageFileDataset):

@@ -182,6 +182,8 @@ def build_ssl_dataset(cfg) -> MultiCropDataset:
     ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
     path, split = str(cfg.data.path), str(cfg.data.split or "")
     kind = resolve_data_kind(path, str(cfg.data.kind), split)
+    if kind == "class_folder" and cfg.data.kind == "auto":
+        kind = "folder"  # pretraining uses no labels: sub-folders (patient_*, ...) are not taken for classes
     images = build_image_dataset(path, kind, split, int(cfg.data.synthetic_n_per_class),
                                  synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class)
     log.info("%s", describe_dataset(images, path + (f" (split {split})" if split else ""), kind))

@@ -39,7 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-fractions", default=None, metavar="F1,F2,..",
                         help="label-efficiency runs: fractions of the training labels, e.g. 1.0,0.75,0.5,0.25")
     parser.add_argument("--seeds", default=None, metavar="S1,S2,..", help="seeds per fraction, e.g. 0,1,2")
-    parser.add_argument("--cache-dir", default=None, help="feature cache folder (default <output-dir>/feature_cache)")
+    parser.add_argument("--cache-dir", default=None, help="feature cache folder (default: the user cache, ~/.cache/dinov2_repro or "
+                             "$DINOV2_REPRO_CACHE; keyed by content, so linear and knn share features)")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="eval config overrides")

@@ -101,7 +101,7 @@ class EvalConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     progress: bool = True
-    cache_dir: str = ""  # "" = <output_dir>/feature_cache
+    cache_dir: str = ""  # "" = the user cache (features.default_cache_dir), shared by content between evaluations
 
 
 def eval_configs_dir() -> Path:

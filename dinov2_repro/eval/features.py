@@ -225,6 +225,17 @@ def feature_cache_key(info: Dict[str, Any], transform, samples, n_last_blocks: i
                 precision=precision)
 
 
+def default_cache_dir() -> Path:
+    """Where feature caches go unless ``cache_dir`` says otherwise: ``$DINOV2_REPRO_CACHE``, else
+    ``$XDG_CACHE_HOME/dinov2_repro``, else ``~/.cache/dinov2_repro``. Entries are keyed by content (backbone
+    weights, transform, image list), so every evaluation of the same backbone on the same images shares them,
+    whatever its output folder, and a changed image or backbone never hits a stale entry."""
+    if os.environ.get("DINOV2_REPRO_CACHE"):
+        return Path(os.environ["DINOV2_REPRO_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "dinov2_repro"
+
+
 def _key_hash(key: Dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()
 

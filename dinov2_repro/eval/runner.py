@@ -237,7 +237,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
     from omegaconf import OmegaConf
 
     from .dedup import cached_image_hashes, near_duplicates
-    from .features import EvalTransform, cached_features, resolve_sizes
+    from .features import EvalTransform, cached_features, default_cache_dir, resolve_sizes
     from .report import write_json, write_report
 
     log(f"[{mode}] backbone {info.get('spec')}")
@@ -254,7 +254,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
         classes=splits.classes, notes=splits.notes, source=splits.source,
         **{name: [[p, splits.classes[y]] for p, y in getattr(splits, name).samples] for name in ("train", "val", "test")}))
     resize, crop, mean, std = resolve_sizes(cfg.data, info)
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else output_dir / "feature_cache"
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"  # shared by content
     workers = int(cfg.data.num_workers)
 
     if mode in ("linear", "knn"):
