@@ -288,3 +288,16 @@ def test_train_flags_match_the_other_commands_and_key_value_wins(tmp_path):
     cfg = load_config(args.config, engine.flag_overrides(args) + args.overrides)
     assert cfg.data.path == str(tmp_path) and cfg.logging.progress_bar is False
     assert cfg.train.iterations == 60  # the explicit key=value comes last
+
+
+def test_checkpoints_also_follow_the_clock(tmp_path):
+    """An 80-iteration run with a 100-iteration period once died at 57 with nothing saved: a time period saves too
+    (here a period so short that every step is due), and the last iteration always saves."""
+    every_step = train(tiny_cfg("checkpoint.period_iterations=100", "checkpoint.period_minutes=1e-9"),
+                       tmp_path / "clock", data_loader_fn=FixedLoader())
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "clock")] == [
+        f"checkpoint_000000{i}.pth" for i in (1, 2, 3, 4)]
+    assert "save_requested" not in every_step["final_diagnostics"]
+    train(tiny_cfg("checkpoint.period_iterations=100", "checkpoint.period_minutes=0"), tmp_path / "end",
+          data_loader_fn=FixedLoader())
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path / "end")] == ["checkpoint_0000004.pth"]

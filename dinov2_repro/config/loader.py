@@ -189,6 +189,7 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     if cfg.crops.local_crops_number < 0:
         fail("crops.local_crops_number", "must be >= 0")
     in_range("student.drop_path_rate", 0.0, 1.0, high_open=True)
+    in_range("checkpoint.period_minutes", 0.0, float("inf"))
     in_range("student.layerscale", 0.0, float("inf"))
     in_range("student.interpolate_offset", 0.0, 1.0)
     custom = [cfg.student.embed_dim, cfg.student.depth, cfg.student.num_heads]

@@ -157,6 +157,7 @@ class ComputeConfig:
 @dataclass
 class CheckpointConfig:
     period_iterations: int = 12500
+    period_minutes: float = 30.0  # also save when this much time passed since the last save (0 = off)
     keep_last: int = 3
 
 

@@ -28,7 +28,7 @@ from .metrics import MetricsLogger, Throughput, peak_memory_mb
 from .run_dir import export_teacher_backbone, write_config, writing
 from .schedules import Schedules
 from .signals import StopSignals, TrainingStopped
-from .step import STOP_KEY, StepContext, train_one_iteration
+from .step import SAVE_KEY, STOP_KEY, StepContext, train_one_iteration
 
 log = logging.getLogger("dinov2_repro.train")
 
@@ -189,7 +189,7 @@ class Period:
         if values["status"] != "ok":
             return
         for key, value in values.items():
-            if isinstance(value, float) and key not in SCHEDULE_KEYS and key != STOP_KEY:
+            if isinstance(value, float) and key not in SCHEDULE_KEYS and key not in (STOP_KEY, SAVE_KEY):
                 self.sums[key] += value
         self.count += 1
 
@@ -213,6 +213,8 @@ def train_loop(run: Run, stop: StopSignals) -> Dict[str, Any]:
     collapse = CollapseMonitor(int(cfg.dino.head_n_prototypes), int(cfg.logging.collapse_patience_iterations),
                                embed_dim=int(run.step.meta_arch.student["backbone"].embed_dim))
     period, last, totals = Period(), {}, {"images": 0, "seconds": 0.0}
+    timer = SaveTimer(float(cfg.checkpoint.period_minutes))
+    run.step = dataclasses.replace(run.step, save_due=timer.due)
     try:
         for it in range(run.start_iter, run.total_iters):
             t0 = time.perf_counter()
@@ -228,15 +230,16 @@ def train_loop(run: Run, stop: StopSignals) -> Dict[str, Any]:
             if warning and run.is_main:
                 log.warning("%s", warning)
             metrics.step(done, {"loss": last.get("total_loss", float("nan")), "lr": last["lr"]})
-            stopping = values.get(STOP_KEY, 0.0) > 0
+            stopping, timed_save = values.get(STOP_KEY, 0.0) > 0, values.get(SAVE_KEY, 0.0) > 0
             if done % int(cfg.logging.log_period_iterations) == 0 or done == run.total_iters or stopping:
                 record = period.record(run, done, last)
                 with writing("metrics", run.run_dir / "metrics.jsonl"):
                     metrics.log(record)
                 if run.is_main:
                     log_period(record, run.total_iters)
-            if done % int(cfg.checkpoint.period_iterations) == 0 or done == run.total_iters or stopping:
+            if done % int(cfg.checkpoint.period_iterations) == 0 or done == run.total_iters or stopping or timed_save:
                 path = save_checkpoint(run, done)
+                timer.restart()
             if done % int(cfg.evaluation.eval_period_iterations) == 0 or done == run.total_iters:
                 export_teacher_backbone(run.step.meta_arch, cfg, run.run_dir, done, run.is_main)
             if stopping and done < run.total_iters:
@@ -244,6 +247,20 @@ def train_loop(run: Run, stop: StopSignals) -> Dict[str, Any]:
     finally:
         metrics.close()
     return dict(last=last, **totals)
+
+
+class SaveTimer:
+    """``due()`` once ``minutes`` of training passed since the last checkpoint (never with minutes = 0)."""
+
+    def __init__(self, minutes: float):
+        self.seconds = 60.0 * minutes
+        self.restart()
+
+    def restart(self) -> None:
+        self.start = time.monotonic()
+
+    def due(self) -> bool:
+        return self.seconds > 0 and time.monotonic() - self.start >= self.seconds
 
 
 def _one_iteration(run: Run, it: int, micro_batches: List[dict]) -> Dict[str, Any]:
@@ -324,7 +341,8 @@ def summarize(run: Run, result: Optional[Dict[str, Any]]) -> Dict[str, Any]:
         "peak_lr": run.step.schedules.peak_lr,
         "final_losses": {key: v for key, v in last.items() if key.endswith("loss")},
         "final_diagnostics": {key: v for key, v in last.items()
-                              if not key.endswith("loss") and key not in SCHEDULE_KEYS and key != STOP_KEY},
+                              if not key.endswith("loss") and key not in SCHEDULE_KEYS
+                              and key not in (STOP_KEY, SAVE_KEY)},
         "images_per_s": result["images"] / seconds if seconds else None,
         "skipped_batches": run.counters["skipped_batches"],
         "fp16_overflow_steps": run.counters["fp16_overflow_steps"],

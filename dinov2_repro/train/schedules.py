@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict
 
 
 def warmup_cosine(iteration: int, base_value: float, final_value: float, total_iters: int,

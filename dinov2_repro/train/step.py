@@ -17,6 +17,7 @@ from .guards import NonFiniteLossError, first_nonfinite
 from .param_groups import apply_optim_schedule, clip_grad_norms
 
 STOP_KEY = "stop_requested"
+SAVE_KEY = "save_requested"
 
 
 @dataclasses.dataclass
@@ -31,11 +32,12 @@ class StepContext:
     clip_grad: float
     nonfinite: str = "stop"  # "stop" | "skip_batch"
     stop_requested: Callable[[], bool] = lambda: False  # this rank got SIGINT/SIGTERM; agreed on in the sync
+    save_due: Callable[[], bool] = lambda: False  # this rank's checkpoint timer ran out; agreed on in the sync
 
 
 def train_one_iteration(it: int, micro_batches: List[dict], ctx: StepContext) -> Dict[str, Any]:
     """One optimiser step over ``micro_batches``; returns the (all-rank mean) loss terms, diagnostics, grad
-    norms, the schedule values, ``stop_requested`` (> 0 when any rank asked to stop) and ``status``
+    norms, the schedule values, ``stop_requested`` / ``save_requested`` (> 0 when any rank asked) and ``status``
     ("ok" | "skipped" | "fp16_overflow").
 
     Raises `NonFiniteLossError` (weights untouched) on a NaN/inf loss or gradient when ``nonfinite == "stop"``.
@@ -47,7 +49,9 @@ def train_one_iteration(it: int, micro_batches: List[dict], ctx: StepContext) ->
     optimizer.zero_grad(set_to_none=True)
     loss_state = meta_arch.loss_state()  # a dropped update must not move the centers either
     terms = _forward_backward(micro_batches, ctx, sched["teacher_temp"])
-    terms[0][STOP_KEY] = torch.tensor(float(ctx.stop_requested()), device=terms[0]["total_loss"].device)
+    device = terms[0]["total_loss"].device  # per-rank requests ride on the step's one all-reduce: ranks agree
+    terms[0][STOP_KEY] = torch.tensor(float(ctx.stop_requested()), device=device)
+    terms[0][SAVE_KEY] = torch.tensor(float(ctx.save_due()), device=device)
     scaler.unscale_(optimizer)  # true gradients for clipping and the finite check (no-op without fp16)
     grad_norms = clip_grad_norms(dict(meta_arch.student.items()), ctx.clip_grad)  # per sub-module, as the reference
     values = global_means(terms, grad_norms)  # one all-reduce and one host sync per iteration
