@@ -27,7 +27,7 @@ USAGE = "usage: dinov2-repro <command> [options]   (dinov2-repro <command> --hel
 def _help_text() -> str:
     lines = [USAGE, "", "commands:"]
     lines += [f"  {name:<8} {text}" for name, (_, text) in SUBCOMMANDS.items()]
-    lines += ["", "Quick start:  dinov2-repro demo      (about 10 minutes on 2 CPU cores, no download)"]
+    lines += ["", "Quick start:  dinov2-repro demo      (5 to 8 minutes on 2 CPU cores, no download)"]
     return "\n".join(lines)
 
 

@@ -1,4 +1,4 @@
-"""``dinov2-repro demo``: the whole pipeline on a fresh machine, with no download, in 5 to 10 minutes on 2 CPU cores.
+"""``dinov2-repro demo``: the whole pipeline on a fresh machine, with no download, in 5 to 8 minutes on 2 CPU cores.
 
 1. generate the built-in SYNTHETIC brain-MRI phantoms (if missing);
 2. pretrain the tiny ViT of ``configs/train/demo_cpu.yaml`` with DINOv2 (DINO + iBOT + KoLeo);
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dinov2-repro demo",
         description="End-to-end demo on built-in synthetic brain-MRI phantoms: generate data, pretrain a tiny ViT "
                     "(configs/train/demo_cpu.yaml), then linear probe + k-NN of the pretrained and of a randomly "
-                    "initialised backbone. No download; 5 to 10 minutes on 2 CPU cores.")
+                    "initialised backbone. No download; 5 to 8 minutes on 2 CPU cores.")
     parser.add_argument("--output-dir", default="demo_runs", help="everything goes here (default: demo_runs)")
     parser.add_argument("--iterations", type=int, default=0,
                         help="pretraining iterations (default: the config's; schedules are compressed to fit)")

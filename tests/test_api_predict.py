@@ -47,8 +47,9 @@ def test_pretrain_evaluate_predict_through_the_python_api(data, tmp_path):
 
 def test_predict_cli_with_a_finetuned_model_skips_and_names_unreadable_images(data, tmp_path, capsys):
     out = tmp_path / "ft"
-    dinov2_repro.evaluate("finetune", TINY_SPEC, data, output_dir=out,
-                          overrides=EVAL + ["finetune.epochs=1", "finetune.warmup_epochs=0", "finetune.precision=fp32"])
+    dinov2_repro.evaluate("finetune", TINY_SPEC, data, output_dir=out,  # one epoch needs no warm-up override
+                          overrides=EVAL + ["finetune.epochs=1", "finetune.precision=fp32"])
+    assert "finetune.warmup_epochs=2 does not fit 1 epoch(s): warming up for 0.5" in (out / "eval.log").read_text()
     images = tmp_path / "new"
     images.mkdir()
     for path in sorted((data / "Testing").rglob("*.png"))[:3]:

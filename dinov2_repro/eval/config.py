@@ -171,8 +171,6 @@ def validate_eval_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
                 "finetune.clip_grad", "finetune.intensity_jitter"):
         check(key, value(key) >= 0, "must be >= 0")
     check("finetune.lr", value("finetune.lr") > 0, "must be > 0")
-    check("finetune.warmup_epochs", value("finetune.warmup_epochs") < value("finetune.epochs") or
-          value("finetune.warmup_epochs") == 0, "must be shorter than finetune.epochs")
     check("finetune.layer_decay", 0.0 < value("finetune.layer_decay") <= 1.0, "must lie in (0, 1]")
     check("finetune.label_smoothing", 0.0 <= value("finetune.label_smoothing") < 1.0, "must lie in [0, 1)")
     check("finetune.drop_path_rate", 0.0 <= value("finetune.drop_path_rate") < 1.0, "must lie in [0, 1)")

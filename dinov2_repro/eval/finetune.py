@@ -174,7 +174,11 @@ def run_finetune(backbone: nn.Module, info: Dict[str, Any], train_set, val_set, 
     optimizer = optimizer_cls([dict(g, lr=0.0, weight_decay=0.0) for g in groups], lr=0.0)
     steps_per_epoch = len(train_loader)
     total_steps = int(cfg.epochs) * steps_per_epoch
-    warmup_steps = int(round(float(cfg.warmup_epochs) * steps_per_epoch))
+    warmup_epochs = min(float(cfg.warmup_epochs), 0.5 * int(cfg.epochs))  # a short run still decays: at most half
+    if warmup_epochs < float(cfg.warmup_epochs):
+        log(f"[finetune] finetune.warmup_epochs={cfg.warmup_epochs:g} does not fit {cfg.epochs} epoch(s): warming "
+            f"up for {warmup_epochs:g} (half the run)")
+    warmup_steps = int(round(warmup_epochs * steps_per_epoch))
 
     def lr_at(step: int) -> float:
         if cfg.schedule == "constant":
