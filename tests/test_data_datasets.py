@@ -178,3 +178,24 @@ def test_subset_view_keeps_metadata(tmp_path):
     sub = DatasetSubset(ds, [0, 9])
     assert sub.classes == ds.classes and sub.targets == [0, 3] and len(sub) == 2
     assert sub.samples == [ds.samples[0], ds.samples[9]]
+
+
+def test_pretraining_reads_patient_folders_as_unlabeled_says_what_it_found_and_hints_at_splits(tmp_path, caplog):
+    """A folder of patient_* sub-folders was taken for 3 classes, a preset's data.split=Training failed with no hint,
+    and the run log never said what data was read."""
+    import logging
+
+    from dinov2_repro.config import load_config
+    from dinov2_repro.data.loaders import build_ssl_dataset
+
+    for patient in ("patient_1", "patient_2", "patient_3"):
+        (tmp_path / "scans" / patient).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((16, 16), 40 * i, np.uint8)).save(tmp_path / "scans" / patient / f"{i}.png")
+    cfg = load_config("demo_cpu", [f"data.path={tmp_path / 'scans'}", "data.kind=auto", "data.split="])
+    with caplog.at_level(logging.INFO, logger="dinov2_repro"):
+        dataset = build_ssl_dataset(cfg)
+    assert len(dataset) == 6
+    assert f"data: folder at {tmp_path / 'scans'}: 6 images, unlabeled" in caplog.text
+    with pytest.raises(FileNotFoundError, match=r"split folder 'Training' not found .*set data\.split= \(empty\)"):
+        build_ssl_dataset(load_config("demo_cpu", [f"data.path={tmp_path / 'scans'}", "data.kind=folder"]))
