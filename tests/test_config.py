@@ -142,3 +142,20 @@ def test_preset_names_resolve_inside_the_package_and_unknown_names_list_the_pres
         load_config("demo_gpu")
     with pytest.raises(ConfigError, match="config file not found: missing.yaml"):
         load_config("missing.yaml")
+
+
+def test_config_show_prints_the_resolved_config_of_a_preset_with_overrides(capsys):
+    from omegaconf import OmegaConf
+
+    from dinov2_repro.config.cli import main
+
+    assert main(["show", "demo_cpu", "train.seed=7"]) == 0
+    shown = OmegaConf.create(capsys.readouterr().out)
+    assert shown == OmegaConf.create(OmegaConf.to_yaml(load_config("demo_cpu", ["train.seed=7"])))
+    assert shown.train.seed == 7 and shown.student.embed_dim == 128
+    assert main(["show", "knn", "knn.temperature=0.1"]) == 0  # an evaluation preset gets the evaluation schema
+    assert OmegaConf.create(capsys.readouterr().out).knn.temperature == 0.1
+    assert main(["show", "demo_cpu", "train.no_such_key=1"]) == 2
+    assert "train.no_such_key" in capsys.readouterr().err
+    assert main(["list"]) == 0
+    assert "train  demo_cpu" in capsys.readouterr().out
