@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from dinov2_repro.distributed.env import teardown
 from dinov2_repro.losses import DINOLoss, iBOTPatchLoss, sinkhorn_knopp
 
 K, TEMP = 16, 0.07
@@ -60,7 +61,7 @@ def _worker(rank, world_size, init_file, out_dir):
         result["ibot_center_one_rank_empty"] = ibot.center.clone()
         torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 @pytest.mark.timeout(120)

@@ -18,6 +18,7 @@ The only mutable state is torch.distributed's own default process group.
 from __future__ import annotations
 
 import os
+import time
 import re
 from dataclasses import dataclass
 from typing import List, Mapping, Optional
@@ -262,4 +263,10 @@ def teardown() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        if dist.get_backend() == "gloo":
+            # torch 2.4, gloo: a worker thread that drops the last reference to a reduced tensor needs the GIL,
+            # which destroy_process_group holds while it joins that thread, so it deadlocked in about one run in
+            # three (measured). The barrier finishes every collective; the pause lets the workers let go first.
+            dist.barrier()
+            time.sleep(0.1)
         dist.destroy_process_group()
