@@ -56,8 +56,9 @@ def test_predict_cli_with_a_finetuned_model_skips_and_names_unreadable_images(da
         (images / path.name.replace(".png", f"_{path.parent.name}.png")).write_bytes(path.read_bytes())
     (images / "broken.png").write_bytes(b"not an image")
     before = sorted(p.name for p in images.iterdir())
-    assert predict_main(["--model", str(out), "--data", str(images), "--output", str(tmp_path / "p.csv"),
-                         "--device", "cpu"]) == 0
+    assert predict_main(["--model", str(out), "--data", str(images), "--output-dir", str(tmp_path),
+                         "--device", "cpu", "--no-progress"]) == 0
+    (tmp_path / "predictions.csv").rename(tmp_path / "p.csv")
     captured = capsys.readouterr()
     assert "3 images classified into ['class0', 'class1', 'class2']" in captured.out
     assert "skipped 1 unreadable image(s)" in captured.err and "broken.png" in captured.err

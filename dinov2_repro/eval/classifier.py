@@ -71,12 +71,13 @@ class Classifier:
         p = self.preprocessing
         return EvalTransform(int(p["resize_size"]), int(p["crop_size"]), p["mean"], p["std"])
 
-    def predict(self, dataset, device: Any = "cpu", batch_size: int = 64, num_workers: int = 0) -> Predictions:
+    def predict(self, dataset, device: Any = "cpu", batch_size: int = 64, num_workers: int = 0,
+                progress: bool = False) -> Predictions:
         if self.payload["kind"] == "linear":
-            return self._predict_linear(dataset, device, batch_size, num_workers)
-        return self._predict_finetuned(dataset, device, batch_size, num_workers)
+            return self._predict_linear(dataset, device, batch_size, num_workers, progress)
+        return self._predict_finetuned(dataset, device, batch_size, num_workers, progress)
 
-    def _predict_linear(self, dataset, device, batch_size: int, num_workers: int) -> Predictions:
+    def _predict_linear(self, dataset, device, batch_size: int, num_workers: int, progress: bool) -> Predictions:
         from .backbone_spec import load_backbone
         from .features import extract_features
 
@@ -87,12 +88,13 @@ class Classifier:
                                   f"trained on (weights SHA-1 {str(info.get('weights_sha1'))[:12]}, expected "
                                   f"{str(p['weights_sha1'])[:12]})")
         features = extract_features(model, dataset, self.transform(), n_last_blocks=int(p["n_blocks"]),
-                                    batch_size=batch_size, num_workers=num_workers, device=device)
+                                    batch_size=batch_size, num_workers=num_workers, device=device, progress=progress,
+                                    desc="predict")
         x = features.linear_input(int(p["n_blocks"]), bool(p["avgpool"])).float()
         probs = (x @ p["weight"].float() + p["bias"].float()).softmax(-1)
         return Predictions(list(features.paths), probs, self.classes, list(features.skipped))
 
-    def _predict_finetuned(self, dataset, device, batch_size: int, num_workers: int) -> Predictions:
+    def _predict_finetuned(self, dataset, device, batch_size: int, num_workers: int, progress: bool) -> Predictions:
         from ..models.weights import build_model, load_strict
         from .finetune import FinetuneClassifier, image_loader, predict
 
@@ -103,6 +105,10 @@ class Classifier:
         model.head.load_state_dict(p["head"])
         model = model.to(device).eval()
         loader = image_loader(dataset, self.transform(), batch_size, False, num_workers, 0, device)
+        if progress:
+            from tqdm import tqdm
+
+            loader = tqdm(loader, desc="predict", unit="batch")
         probs, _, kept, failed = predict(model, loader, device, "fp32")
         return Predictions([dataset.samples[i][0] for i in kept], probs.float().cpu(), self.classes,
                            [dataset.samples[i][0] for i in failed])

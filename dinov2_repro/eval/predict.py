@@ -25,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", required=True, help="classifier.pth / best.pth, or the eval output folder")
     parser.add_argument("--data", required=True, metavar="IMAGE_DIR_OR_CSV", help="the images to classify")
-    parser.add_argument("--output", default="predictions.csv", help="CSV to write (default predictions.csv)")
+    parser.add_argument("--output", default=None, help="CSV to write (default <output-dir>/predictions.csv)")
+    parser.add_argument("--output-dir", default=".", help="folder for predictions.csv when --output is not given")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--num-workers", type=int, default=0)
@@ -60,13 +62,13 @@ def write_predictions(path: Path, predictions: Predictions) -> None:
 
 
 def predict(model: str, data: str, output: str = "predictions.csv", device: str = "auto", batch_size: int = 64,
-            num_workers: int = 0) -> Predictions:
+            num_workers: int = 0, progress: bool = False) -> Predictions:
     """Classify ``data`` with the classifier at ``model``; writes ``output`` and returns the `Predictions`."""
     from .backbone_spec import environment_device
 
     classifier = load_classifier(model)
     dataset = open_images(data)
-    result = classifier.predict(dataset, environment_device(device), batch_size, num_workers)
+    result = classifier.predict(dataset, environment_device(device), batch_size, num_workers, progress)
     write_predictions(Path(output), result)
     return result
 
@@ -75,12 +77,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     from ..models.weights import WeightsError
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
+    output = args.output or str(Path(args.output_dir) / "predictions.csv")
     try:
-        result = predict(args.model, args.data, args.output, args.device, args.batch_size, args.num_workers)
+        result = predict(args.model, args.data, output, args.device, args.batch_size, args.num_workers,
+                         progress=not args.no_progress)
     except (ClassifierError, WeightsError, FileNotFoundError, ValueError) as exc:
         print(f"dinov2-repro predict: error: {exc}", file=sys.stderr)
         return 2
-    print(f"{len(result.paths)} images classified into {result.classes}; probabilities in {args.output}")
+    print(f"{len(result.paths)} images classified into {result.classes}; probabilities in {output}")
     if result.skipped:
         shown = ", ".join(result.skipped[:5]) + (" ..." if len(result.skipped) > 5 else "")
         print(f"skipped {len(result.skipped)} unreadable image(s): {shown}", file=sys.stderr)
