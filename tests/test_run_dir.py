@@ -65,6 +65,19 @@ def test_a_stale_lock_of_a_dead_process_is_taken_over_and_released(tmp_path, cap
     assert not (run / LOCK_FILE).exists()  # released at the end
 
 
+def test_a_lock_whose_pid_now_belongs_to_another_process_is_taken_over(tmp_path):
+    from dinov2_repro.train.run_dir import process_identity
+
+    mine = process_identity(os.getpid())
+    if mine is None:
+        pytest.skip("no /proc here: process identities cannot be read")
+    _write_lock(tmp_path, pid=os.getpid(), process="another-boot:12345")  # a restarted container reused the PID
+    RunLock(tmp_path).acquire().release()
+    _write_lock(tmp_path, pid=os.getpid(), process=mine)  # the very same process: alive
+    with pytest.raises(RunDirError, match="in use by another training run"):
+        RunLock(tmp_path).acquire()
+
+
 def test_lock_on_another_host_cannot_be_checked_and_says_which_file_to_delete(tmp_path, monkeypatch):
     _write_lock(tmp_path, pid=1, host="some-other-node")
     monkeypatch.delenv("SLURM_JOB_ID", raising=False)

@@ -184,6 +184,11 @@ class Period:
         self.sums: Dict[str, float] = defaultdict(float)
         self.count, self.throughput = 0, Throughput()
 
+    def reset(self) -> None:
+        self.sums.clear()
+        self.count = 0
+        self.throughput.reset()
+
     def add(self, values: Dict[str, Any], n_images: int, data_time: float, step_time: float) -> None:
         self.throughput.add(n_images, data_time, step_time)
         if values["status"] != "ok":
@@ -202,7 +207,7 @@ class Period:
                   "skipped_files": all_ranks_skipped(run.skipped, with_paths=False)[0]}
         if run.step.scaler.is_enabled():
             record["grad_scale"] = float(run.step.scaler.get_scale())
-        self.__init__()
+        self.reset()
         return record
 
 

@@ -53,6 +53,16 @@ def write_text_atomic(path: Path, text: str, what: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ lock
+def process_identity(pid: int) -> Optional[str]:
+    """Boot id and start time of a process (Linux): tells a live holder from a new process that reuses its PID
+    (a restarted container often gets the same small PIDs). None where /proc cannot tell."""
+    try:
+        start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip() + ":" + start
+    except (OSError, IndexError):
+        return None
+
+
 def _holder_alive(holder: Dict[str, Any]) -> Optional[bool]:
     """True/False when this machine can tell whether the lock's holder still runs; None when it cannot."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -61,19 +71,22 @@ def _holder_alive(holder: Dict[str, Any]) -> Optional[bool]:
     if holder.get("host") != socket.gethostname():
         return None
     try:
-        os.kill(int(holder.get("pid", -1)), 0)
+        pid = int(holder.get("pid", -1))
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except (PermissionError, ValueError, OverflowError):
         return True  # another user's live process (or a malformed PID: be safe)
-    return True
+    recorded, now = holder.get("process"), process_identity(pid)
+    return not (recorded and now and recorded != now)  # the PID lives on in another process: the holder is gone
 
 
 class RunLock:
     """An exclusive lock on a run directory: ``run.lock`` created with O_EXCL, holding PID, host and SLURM job.
 
     A second run into the same directory fails with one line naming the holder. A lock whose holder is dead
-    (same host, no such PID; or the same SLURM job, requeued) is taken over with a warning. On another host
+    (same host and no such PID, or the PID now belongs to another process; or the same SLURM job, requeued) is
+    taken over with a warning. On another host
     liveness cannot be checked, so the message says which file to delete if that run is gone.
     """
 
@@ -89,7 +102,7 @@ class RunLock:
 
     def _create(self) -> bool:
         me = {"pid": os.getpid(), "host": socket.gethostname(), "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-              "started": time.strftime("%Y-%m-%d %H:%M:%S")}
+              "process": process_identity(os.getpid()), "started": time.strftime("%Y-%m-%d %H:%M:%S")}
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
