@@ -26,6 +26,7 @@ setup(
         "matplotlib",
         "tqdm",
         "pillow",
+        "nibabel",  # NIfTI volumes (data.kind=nifti)
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image"],

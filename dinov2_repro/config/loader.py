@@ -190,6 +190,8 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
         fail("crops.local_crops_number", "must be >= 0")
     in_range("student.drop_path_rate", 0.0, 1.0, high_open=True)
     in_range("checkpoint.period_minutes", 0.0, float("inf"))
+    in_range("data.volume_min_foreground", 0.0, 1.0)
+    one_of("data.volume_axis", ("axial", "coronal", "sagittal"))
     in_range("student.layerscale", 0.0, float("inf"))
     in_range("student.interpolate_offset", 0.0, 1.0)
     custom = [cfg.student.embed_dim, cfg.student.depth, cfg.student.num_heads]

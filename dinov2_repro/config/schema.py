@@ -18,7 +18,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLELISMS = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers")
-DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic")
+DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti")
 AUG_PRESETS = ("dinov2", "mri")
 BLUR_MODES = ("paper", "as_released")
 NONFINITE_POLICIES = ("stop", "skip_batch")
@@ -128,6 +128,10 @@ class DataConfig:
     prefetch_factor: int = 2
     synthetic_n_per_class: int = 64  # used when kind == "synthetic" and the folder is missing
     synthetic_n_test_per_class: Optional[int] = None  # Testing images per class; None = synthetic_n_per_class // 4
+    volume_axis: str = "axial"  # kind nifti: slices along axial | coronal | sagittal (of the RAS+ volume)
+    volume_min_foreground: float = 0.05  # kind nifti: slices with less foreground are skipped
+    volume_25d: bool = False  # kind nifti: the slices below, at and above as the 3 channels
+    volume_index: int = 0  # kind nifti, 4D files: which volume; -1 = each
 
 
 @dataclass

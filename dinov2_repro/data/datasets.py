@@ -320,7 +320,7 @@ def image_list_sha1(samples: Sequence[Tuple[str, int]]) -> str:
     digest = hashlib.sha1()
     for path, label in samples:
         try:
-            stat = os.stat(path)
+            stat = os.stat(path.split("::", 1)[0] if "::" in path and not os.path.exists(path) else path)
             digest.update(f"{path}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         except OSError:
             digest.update(f"{path}|{label}|missing\n".encode())

@@ -16,6 +16,7 @@ transform that uses global RNGs is at least deterministic for a fixed number of 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import warnings
 from pathlib import Path
@@ -133,14 +134,35 @@ def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
                                 f"generate the built-in synthetic dataset there)")
     if p.is_dir() and (looks_like_kaggle(p) or (split and (p / split).is_dir())):
         return "kaggle"
+    if looks_like_volumes(p):
+        return "nifti"
     if looks_like_class_folder(p):
         return "class_folder"
     return "folder"
 
 
+def looks_like_volumes(path: Path) -> bool:
+    """A NIfTI file, or a folder whose first files found are NIfTI volumes and that holds no 2D image."""
+    from .decode import is_image_file
+    from .volumes import is_nifti
+
+    if path.is_file():
+        return is_nifti(path)
+    seen_volume = False
+    for dirpath, dirnames, filenames in os.walk(path):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if is_nifti(name):
+                seen_volume = True
+            elif is_image_file(name):
+                return False
+    return seen_volume
+
+
 def build_image_dataset(path: str, kind: str = "auto", split: str = "", synthetic_n_per_class: int = 64,
                         transform: Optional[Callable] = None,
-                        synthetic_n_test_per_class: Optional[int] = None) -> ImageFileDataset:
+                        synthetic_n_test_per_class: Optional[int] = None, data_cfg=None,
+                        labelled: bool = True) -> ImageFileDataset:
     """The raw image dataset described by ``data.path/kind/split`` (no augmentation).
 
     ``kaggle`` (and ``synthetic``) with an empty split use ``Training``, so pretraining never sees the test
@@ -165,7 +187,12 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
         return ClassFolderDataset(path, split=split or None, transform=transform)
     if kind == "folder":
         return UnlabeledFolderDataset(resolve_split_dir(path, split or None), transform=transform)
-    raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic")
+    if kind == "nifti":
+        from .volumes import volume_dataset
+
+        return volume_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform,
+                              labelled=labelled)
+    raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic, nifti")
 
 
 def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:
@@ -185,7 +212,8 @@ def build_ssl_dataset(cfg) -> MultiCropDataset:
     if kind == "class_folder" and cfg.data.kind == "auto":
         kind = "folder"  # pretraining uses no labels: sub-folders (patient_*, ...) are not taken for classes
     images = build_image_dataset(path, kind, split, int(cfg.data.synthetic_n_per_class),
-                                 synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class)
+                                 synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class, data_cfg=cfg.data,
+                                 labelled=False)  # pretraining uses no labels
     log.info("%s", describe_dataset(images, path + (f" (split {split})" if split else ""), kind))
     return MultiCropDataset(images, build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
 
