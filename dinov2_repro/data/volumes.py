@@ -116,7 +116,7 @@ class VolumeSliceDataset(ImageFileDataset):
         self.volume_index, self.percentiles = int(volume_index), tuple(percentiles)
         self.cache_bytes, self._cache = int(cache_mb * 2**20), OrderedDict()
         self.skipped_volumes: List[Tuple[str, str]] = []  # (path, reason)
-        samples, self.groups, self.slice_counts = [], [], {}
+        samples, self.groups = [], []
         iterator = files
         if progress:
             from tqdm import tqdm
@@ -146,7 +146,6 @@ class VolumeSliceDataset(ImageFileDataset):
         for t, volume in enumerate(volumes):
             fraction = foreground_mask(volume).mean(axis=tuple(a for a in range(3) if a != self.axis))
             kept += [(t, int(k)) for k in np.flatnonzero(fraction >= self.min_foreground)]
-            self.slice_counts[path] = self.slice_counts.get(path, 0) + int(volume.shape[self.axis])
         return kept
 
     def _volume(self, path: str, t: int) -> np.ndarray:
