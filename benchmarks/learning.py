@@ -171,6 +171,7 @@ def pretrain(data: Path, run_dir: Path, preset: str, set_name: str, seed: int, o
 
     from dinov2_repro.config import configs_dir, load_config
     from dinov2_repro.train.engine import train
+    from dinov2_repro.train.schedules import Schedules
 
     cfg = load_config(configs_dir() / "train" / f"{preset}.yaml", [
         *set_overrides(set_name, data), f"train.seed={seed}",
@@ -179,9 +180,9 @@ def pretrain(data: Path, run_dir: Path, preset: str, set_name: str, seed: int, o
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         summary = train(cfg, run_dir, resume=False)
+    schedules = Schedules.from_config(cfg, int(summary["global_batch"]))  # warm-up as trained (train.iterations)
     return dict(summary=summary, seconds=time.perf_counter() - start,
-                n_prototypes=int(cfg.dino.head_n_prototypes), warmup_iterations=int(
-                    cfg.optim.warmup_epochs * cfg.train.official_epoch_length))
+                n_prototypes=int(cfg.dino.head_n_prototypes), warmup_iterations=schedules.lr_warmup_iterations)
 
 
 def training_signals(run_dir: Path, n_prototypes: int, warmup_iterations: int) -> Dict[str, Any]:
