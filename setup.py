@@ -27,6 +27,7 @@ setup(
         "tqdm",
         "pillow",
         "nibabel",  # NIfTI volumes (data.kind=nifti)
+        "pydicom",  # DICOM series (data.kind=dicom)
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image"],

@@ -192,6 +192,7 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     in_range("checkpoint.period_minutes", 0.0, float("inf"))
     in_range("data.volume_min_foreground", 0.0, 1.0)
     one_of("data.volume_axis", ("axial", "coronal", "sagittal"))
+    one_of("data.dicom_window", ("percentile", "file", "brain", "subdural", "bone", "soft_tissue", "lung"))
     in_range("student.layerscale", 0.0, float("inf"))
     in_range("student.interpolate_offset", 0.0, 1.0)
     custom = [cfg.student.embed_dim, cfg.student.depth, cfg.student.num_heads]

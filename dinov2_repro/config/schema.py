@@ -18,7 +18,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLELISMS = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers")
-DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti")
+DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti", "dicom")
 AUG_PRESETS = ("dinov2", "mri")
 BLUR_MODES = ("paper", "as_released")
 NONFINITE_POLICIES = ("stop", "skip_batch")
@@ -132,6 +132,7 @@ class DataConfig:
     volume_min_foreground: float = 0.05  # kind nifti: slices with less foreground are skipped
     volume_25d: bool = False  # kind nifti: the slices below, at and above as the 3 channels
     volume_index: int = 0  # kind nifti, 4D files: which volume; -1 = each
+    dicom_window: str = "percentile"  # kind dicom: percentile | file (WindowCenter/Width) | brain | bone | ...
 
 
 @dataclass

@@ -134,29 +134,33 @@ def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
                                 f"generate the built-in synthetic dataset there)")
     if p.is_dir() and (looks_like_kaggle(p) or (split and (p / split).is_dir())):
         return "kaggle"
-    if looks_like_volumes(p):
-        return "nifti"
+    volume_kind = volume_files_kind(p)
+    if volume_kind:
+        return volume_kind
     if looks_like_class_folder(p):
         return "class_folder"
     return "folder"
 
 
-def looks_like_volumes(path: Path) -> bool:
-    """A NIfTI file, or a folder whose first files found are NIfTI volumes and that holds no 2D image."""
+def volume_files_kind(path: Path) -> Optional[str]:
+    """"nifti" or "dicom" for a file of that kind, or a folder that holds such files and no 2D image; else None."""
     from .decode import is_image_file
+    from .dicom import is_dicom
     from .volumes import is_nifti
 
     if path.is_file():
-        return is_nifti(path)
-    seen_volume = False
+        return "nifti" if is_nifti(path) else "dicom" if is_dicom(path) else None
+    found = None
     for dirpath, dirnames, filenames in os.walk(path):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:
             if is_nifti(name):
-                seen_volume = True
+                found = found or "nifti"
             elif is_image_file(name):
-                return False
-    return seen_volume
+                return None
+            elif is_dicom(os.path.join(dirpath, name)):
+                found = found or "dicom"
+    return found
 
 
 def build_image_dataset(path: str, kind: str = "auto", split: str = "", synthetic_n_per_class: int = 64,
@@ -192,7 +196,12 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
 
         return volume_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform,
                               labelled=labelled)
-    raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic, nifti")
+    if kind == "dicom":
+        from .dicom import dicom_dataset
+
+        return dicom_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform, labelled=labelled)
+    raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic, nifti, "
+                     f"dicom")
 
 
 def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:
