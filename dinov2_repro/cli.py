@@ -16,7 +16,7 @@ SUBCOMMANDS = {
     "train": ("dinov2_repro.train.engine", "DINOv2 pretraining from a config (CPU, GPU, torchrun)"),
     "eval": ("dinov2_repro.eval.cli", "linear probe, k-NN or fine-tuning of a backbone on labelled images"),
     "predict": ("dinov2_repro.eval.predict", "class probabilities of new images from an evaluated classifier"),
-    "data": ("dinov2_repro.data.cli", "synthetic brain-MRI data (synth) and dataset mean/std (stats)"),
+    "data": ("dinov2_repro.data.cli", "synthetic data (synth), mean/std (stats), what a folder holds (inspect)"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),
     "config": ("dinov2_repro.config.cli", "list the presets, or show the resolved config of one (with overrides)"),
     "submit": ("dinov2_repro.distributed.submit", "submit training or evaluation to SLURM through submitit"),

@@ -60,3 +60,35 @@ def test_synth_cli(tmp_path, capsys):
     assert "already complete" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["synth", "--out", str(out_dir)])  # --n-per-class is required
+
+
+def test_inspect_counts_classes_and_names_every_unreadable_file_and_volume(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from dinov2_repro.data.cli import main as data_main
+
+    for label in ("a", "b"):
+        (tmp_path / "imgs" / label).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((16, 16), 60 * i, np.uint8)).save(tmp_path / "imgs" / label / f"{i}.png")
+    (tmp_path / "imgs" / "b" / "broken.png").write_bytes(b"not a png")
+    sheet = tmp_path / "sheet.png"
+    assert data_main(["inspect", "--data", str(tmp_path / "imgs"), "--no-progress", "--contact-sheet", str(sheet)]) == 0
+    out = capsys.readouterr().out
+    assert "7 images" in out and "per class: a 3, b 4" in out and "unreadable on decoding: 1" in out
+    assert "broken.png" in out and sheet.is_file() and sheet.stat().st_size > 1000
+
+    nib = pytest.importorskip("nibabel")
+    volume = np.zeros((6, 6, 5), np.float32)
+    volume[1:5, 1:5, 1:4] = 100
+    for subject in ("s1", "s2"):
+        (tmp_path / "vols" / subject).mkdir(parents=True)
+        nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "vols" / subject / "t1.nii.gz"))
+    (tmp_path / "vols" / "s3").mkdir()
+    (tmp_path / "vols" / "s3" / "t1.nii.gz").write_bytes(b"truncated")
+    with pytest.warns(RuntimeWarning, match="unreadable volume"):
+        assert data_main(["inspect", "--data", str(tmp_path / "vols"), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "VolumeSliceDataset" in out and "6 images (slices) from 2 volume(s)" in out
+    assert "skipped while indexing (1):" in out and "s3/t1.nii.gz" in out and "unreadable on decoding: 0" in out

@@ -3,6 +3,7 @@
   dinov2-repro data synth --out DIR --n-per-class N [--seed S] [--size 256] [--n-test-per-class M]
   dinov2-repro data stats --data DIR [--split Training] [--max-images N] [--num-workers W] [--json]
   dinov2-repro data synth-bench [--n-images 400] [--size 256]   (phantoms/s on one core; writes to a temp dir)
+  dinov2-repro data inspect --data DIR [--split Training] [--contact-sheet sheet.png]
 """
 
 from __future__ import annotations
@@ -39,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     stats.add_argument("--num-workers", type=int, default=0, help="decode in this many worker processes")
     stats.add_argument("--json", action="store_true", help="print one JSON object instead of YAML lines")
     stats.add_argument("--no-progress", action="store_true")
+    inspect = sub.add_parser("inspect", help="what the project will read: kinds, counts, classes, groups, and "
+                                             "every unreadable file with its reason (it decodes everything)")
+    inspect.add_argument("--data", required=True, help="dataset folder (images, NIfTI volumes, DICOM series) or CSV")
+    inspect.add_argument("--split", default=None, help="e.g. Training; for CSVs the value of the split column")
+    inspect.add_argument("--contact-sheet", default=None, metavar="PNG", help="also write sample images per class")
+    inspect.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -47,9 +54,14 @@ def _open_any(path: str, split: Optional[str]):
     from .datasets import (CsvDataset, UnlabeledFolderDataset, looks_like_class_folder, looks_like_kaggle,
                            resolve_split_dir)
 
+    from .loaders import build_image_dataset, volume_files_kind
+
     p = Path(path)
     if p.suffix.lower() == ".csv":
         return CsvDataset(p, split=split)
+    if p.is_dir() and volume_files_kind(resolve_split_dir(p, split)):
+        folder = resolve_split_dir(p, split)
+        return build_image_dataset(str(folder), volume_files_kind(folder))
     if looks_like_kaggle(p) and not split:
         split = "Training"
         print(f"# {p} has a Training split: using it (pass --split to choose)", file=sys.stderr)
@@ -97,6 +109,16 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"# {stats['n_images']} images, {stats['n_pixels']} pixels per channel, "
                   f"{stats['n_skipped']} unreadable, from {dataset.root}")
             print(format_yaml(stats))
+        return 0
+    if args.command == "inspect":
+        from .inspect import contact_sheet, inspect_dataset
+
+        dataset = _open_any(args.data, args.split)
+        report = inspect_dataset(dataset, progress=not args.no_progress)
+        print(report["text"])
+        if args.contact_sheet:
+            contact_sheet(dataset, args.contact_sheet)
+            print(f"contact sheet: {args.contact_sheet}")
         return 0
     return 2
 
