@@ -11,7 +11,8 @@ from dinov2_repro.eval.splits import build_eval_splits, label_fraction_indices
 
 
 def data_cfg(**kw):
-    base = dict(train_split="", val_split="", test_split="", val_fraction=0.1, test_fraction=0.2, split_seed=0)
+    base = dict(train_split="", val_split="", test_split="", val_fraction=0.1, test_fraction=0.2, split_seed=0,
+                group_regex="", allow_group_overlap=False)
     base.update(kw)
     return SimpleNamespace(**base)
 
@@ -97,3 +98,54 @@ def test_a_class_name_that_training_lacks_is_an_error_naming_both_sets(tmp_path)
     csv_path.write_text("path,label,split\n" + "\n".join(rows) + "\n")
     with pytest.raises(ValueError, match=r"m\.csv: .*test has \['no_tumor'\], which training lacks"):
         build_eval_splits(csv_path, data_cfg())
+
+
+def _write_patients(folder, patients_per_class, images_per_patient=3):
+    for label, patients in patients_per_class.items():
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        for patient in patients:
+            for i in range(images_per_patient):
+                Image.fromarray(np.full((8, 8), i, dtype=np.uint8), mode="L").save(
+                    folder / label / f"patient_{patient}_slice{i}.png")
+
+
+def test_group_splits_keep_every_patient_on_one_side(tmp_path):
+    _write_patients(tmp_path / "mri", {"glioma": range(0, 10), "normal": range(10, 20)})
+    cfg = data_cfg(group_regex=r"patient_(\d+)_", test_fraction=0.2, val_fraction=0.2)
+    splits = build_eval_splits(tmp_path / "mri", cfg)
+    patients = {name: {p.split("patient_")[1].split("_")[0] for p, _ in getattr(splits, name).samples}
+                for name in ("train", "val", "test")}
+    assert not (patients["train"] & patients["test"]) and not (patients["train"] & patients["val"])
+    assert not (patients["val"] & patients["test"])
+    assert len(patients["test"]) == 4 and len(patients["val"]) == 4  # 20% of 10 patients per class, x 2 classes
+    assert sum(len(getattr(splits, n)) for n in ("train", "val", "test")) == 60  # nothing lost
+    assert any("groups (patients or volumes) per split: train 12, val 4, test 4" in n for n in splits.notes)
+    assert any("by whole groups" in n for n in splits.notes)
+    with pytest.raises(ValueError, match=r"data\.group_regex 'case_.*' finds no group in .*patient_0_slice0\.png"):
+        build_eval_splits(tmp_path / "mri", data_cfg(group_regex=r"case_(\d+)"))
+
+
+def test_a_patient_in_training_and_test_is_an_error_unless_allowed(tmp_path):
+    _write_patients(tmp_path / "k" / "Training", {"glioma": [1, 2, 3], "normal": [4, 5, 6]})
+    _write_patients(tmp_path / "k" / "Testing", {"glioma": [3, 7], "normal": [8]})  # patient 3 in both
+    cfg = data_cfg(group_regex=r"patient_(\d+)_")
+    with pytest.raises(ValueError, match=r"1 group\(s\) are in the test split and in training or validation, "
+                                         r"e.g. \['3'\].*data.allow_group_overlap=true"):
+        build_eval_splits(tmp_path / "k", cfg)
+    allowed = build_eval_splits(tmp_path / "k", data_cfg(group_regex=r"patient_(\d+)_", allow_group_overlap=True))
+    assert any("1 shared with the test split (allowed" in n for n in allowed.notes)
+
+
+def test_stratified_group_split_by_hand():
+    from dinov2_repro.data.datasets import stratified_group_split
+
+    labels = [0] * 6 + [1] * 4
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"]
+    kept, held = stratified_group_split(labels, groups, 0.5, seed=0)
+    held_groups = {groups[i] for i in held}
+    kept_groups = {groups[i] for i in kept}
+    assert not held_groups & kept_groups and len(kept) + len(held) == 10
+    assert len(held_groups & {"a", "b", "c"}) in (1, 2) and len(held_groups & {"d", "e"}) == 1
+    assert kept_groups & {"a", "b", "c"} and kept_groups & {"d", "e"}  # every class keeps a group for training
+    again = stratified_group_split(labels, groups, 0.5, seed=0)
+    assert [a.tolist() for a in again] == [kept.tolist(), held.tolist()]  # seeded

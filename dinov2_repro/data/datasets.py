@@ -298,6 +298,32 @@ def stratified_split(labels: Sequence[int], val_fraction: float, seed: int = 0) 
     return np.sort(np.concatenate(train)).astype(np.int64), np.sort(np.concatenate(val)).astype(np.int64)
 
 
+def stratified_group_split(labels: Sequence[int], groups: Sequence[str], fraction: float,
+                           seed: int = 0) -> Tuple[np.ndarray, np.ndarray]:
+    """Hold out about ``fraction`` of every class, whole groups at a time: a patient's (or volume's) images all
+    land on one side. Each class keeps at least one group for training. Returns sorted, disjoint
+    ``(kept_idx, held_idx)`` int64 arrays. Seeded."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must lie in (0, 1), got {fraction}")
+    labels, groups = np.asarray(labels), np.asarray([str(g) for g in groups])
+    rng = np.random.default_rng(seed)
+    held: set = set()
+    for c in np.unique(labels):
+        members = labels == c
+        class_groups = sorted(set(groups[members]))
+        target = int(round(members.sum() * fraction))
+        count = int(np.isin(groups[members], list(held)).sum())  # groups already held for another class
+        for j in rng.permutation(len(class_groups)):
+            left_for_training = sum(g not in held for g in class_groups)
+            if count >= target or left_for_training <= 1:
+                break
+            if class_groups[j] not in held:
+                held.add(class_groups[j])
+                count += int((groups[members] == class_groups[j]).sum())
+    is_held = np.isin(groups, list(held))
+    return np.flatnonzero(~is_held).astype(np.int64), np.flatnonzero(is_held).astype(np.int64)
+
+
 def stratified_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> np.ndarray:
     """Keep ``fraction`` of every class (rounded, at least 1 per class) for label-efficiency runs.
 

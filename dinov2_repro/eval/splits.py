@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -157,10 +158,54 @@ def _csv_splits(csv_path: Path, cfg):
     return samples, dataset.classes, source
 
 
+def sample_groups(samples: Sequence[Tuple[str, int]], group_regex: str = "") -> Optional[List[str]]:
+    """Each sample's group (patient): the first group (else the match) of ``group_regex`` in its path; None
+    without a regex. A path the regex misses is an error."""
+    if group_regex:
+        pattern = re.compile(group_regex)
+        groups = []
+        for path, _ in samples:
+            match = pattern.search(path)
+            if match is None:
+                raise ValueError(f"data.group_regex {group_regex!r} finds no group in {path}")
+            groups.append(match.group(1) if pattern.groups else match.group(0))
+        return groups
+    return None
+
+
+def _hold_out(samples: List[Tuple[str, int]], fraction: float, cfg) -> Tuple[List, List, str]:
+    """(kept, held out, how): stratified per class, whole groups at a time when the samples have groups."""
+    from ..data.datasets import stratified_group_split, stratified_split
+
+    labels = [y for _, y in samples]
+    groups = sample_groups(samples, cfg.group_regex)
+    if groups is None:
+        kept, held = stratified_split(labels, fraction, seed=cfg.split_seed)
+        how = f"stratified, seed {cfg.split_seed}"
+    else:
+        kept, held = stratified_group_split(labels, groups, fraction, seed=cfg.split_seed)
+        how = f"stratified by whole groups, seed {cfg.split_seed}"
+    return [samples[i] for i in kept], [samples[i] for i in held], how
+
+
+def check_group_leakage(samples: Dict[str, List[Tuple[str, int]]], cfg, where: str) -> Optional[str]:
+    """An error when a group (patient) is in the test split and in training or validation, unless
+    ``data.allow_group_overlap``; returns a note with the groups per split (None without groups)."""
+    groups = {split: set(sample_groups(s, cfg.group_regex) or []) for split, s in samples.items()}
+    if not any(groups.values()):
+        return None
+    shared = sorted((groups["train"] | groups["val"]) & groups["test"])
+    if shared and not cfg.allow_group_overlap:
+        raise ValueError(f"{where}: {len(shared)} group(s) are in the test split and in training or validation, "
+                         f"e.g. {shared[:3]}: their images would leak; keep each patient in one split, or set "
+                         f"data.allow_group_overlap=true to accept it")
+    counts = ", ".join(f"{split} {len(groups[split])}" for split in ("train", "val", "test"))
+    overlap = f"; {len(shared)} shared with the test split (allowed by data.allow_group_overlap)" if shared else ""
+    return f"groups (patients or volumes) per split: {counts}{overlap}"
+
+
 def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
     """Splits for ``data_path`` under the ``data`` section of the eval config (see module docstring)."""
-    from ..data.datasets import stratified_split
-
     root = Path(data_path)
     if not root.exists():
         raise FileNotFoundError(f"--data {root}: no such file or directory")
@@ -178,28 +223,20 @@ def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
             raise ValueError(f"--data {root}: split {split!r} ({source.get(split)}) has no labelled images")
     root_str = str(root)
     if "all" in samples:
-        everything = samples.pop("all")
-        labels = [y for _, y in everything]
-        rest_idx, test_idx = stratified_split(labels, cfg.test_fraction, seed=cfg.split_seed)
-        samples["train"] = [everything[i] for i in rest_idx]
-        samples["test"] = [everything[i] for i in test_idx]
+        samples["train"], samples["test"], how = _hold_out(samples.pop("all"), cfg.test_fraction, cfg)
         source = {"train": source["all"], "test": source["all"]}
         notes.append(f"No separate test split in {root}: held out {cfg.test_fraction:.0%} of each class "
-                     f"(stratified, seed {cfg.split_seed}) as the test split. Nothing is selected on it.")
+                     f"({how}) as the test split. Nothing is selected on it.")
     if "test" not in samples:
-        train_all = samples["train"]
-        rest_idx, test_idx = stratified_split([y for _, y in train_all], cfg.test_fraction, seed=cfg.split_seed)
-        samples["train"] = [train_all[i] for i in rest_idx]
-        samples["test"] = [train_all[i] for i in test_idx]
+        samples["train"], samples["test"], how = _hold_out(samples["train"], cfg.test_fraction, cfg)
         notes.append(f"No test split found next to the training split: held out {cfg.test_fraction:.0%} of the "
-                     f"training split (stratified, seed {cfg.split_seed}) as the test split.")
+                     f"training split ({how}) as the test split.")
     if "val" not in samples:
-        train_all = samples["train"]
-        train_idx, val_idx = stratified_split([y for _, y in train_all], cfg.val_fraction, seed=cfg.split_seed)
-        samples["train"] = [train_all[i] for i in train_idx]
-        samples["val"] = [train_all[i] for i in val_idx]
-        source["val"] = (f"{cfg.val_fraction:.0%} of the training split held out per class "
-                         f"(stratified, seed {cfg.split_seed})")
+        samples["train"], samples["val"], how = _hold_out(samples["train"], cfg.val_fraction, cfg)
+        source["val"] = f"{cfg.val_fraction:.0%} of the training split held out per class ({how})"
+    group_note = check_group_leakage(samples, cfg, f"--data {root}")
+    if group_note:
+        notes.append(group_note)
     overlap = {p for p, _ in samples["train"]} & {p for p, _ in samples["test"]}
     if overlap:
         raise ValueError(f"--data {root}: {len(overlap)} files are in both the training and the test split, "
