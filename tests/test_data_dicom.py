@@ -120,3 +120,20 @@ def test_pretraining_reads_a_folder_of_dicom_series(tmp_path):
     summary = train(cfg, tmp_path / "run")
     assert summary["iterations"] == 2 and summary["skipped_files"]["count"] == 0
     assert f"data: dicom at {tmp_path / 'data'}: 12 images, unlabeled" in (tmp_path / "run" / "train.log").read_text()
+
+
+def test_a_patient_with_series_in_training_and_test_is_a_leak(tmp_path):
+    from types import SimpleNamespace
+
+    from dinov2_repro.eval.splits import build_eval_splits
+
+    for split, patient in (("Training", "p1"), ("Training", "p2"), ("Testing", "p1")):
+        series = generate_uid()
+        for z in range(2):
+            write_slice(tmp_path / "d" / split / "glioma" / f"{patient}_{split}" / f"{z}.dcm", disc(100 + z),
+                        series=series, position=float(z), patient=patient)
+    cfg = SimpleNamespace(train_split="", val_split="", test_split="", val_fraction=0.5, test_fraction=0.2,
+                          split_seed=0, group_regex="", allow_group_overlap=False)
+    with pytest.raises(ValueError, match=r"1 group\(s\) are in the test split and in training or validation, "
+                                         r"e\.g\. \['p1'\]"):
+        build_eval_splits(tmp_path / "d", cfg)

@@ -131,3 +131,21 @@ def test_pretraining_reads_a_folder_of_volumes(tmp_path):
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert f"data: nifti at {tmp_path / 'data'}: {3 * (NZ - 3)} images, unlabeled" in log_text
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["iterations"] == 2
+
+
+def test_evaluation_reads_volumes_and_holds_out_whole_volumes(tmp_path):
+    import dinov2_repro
+    from test_eval_cli import TINY as TINY_SPEC
+
+    for split, subjects in (("Training", 3), ("Testing", 1)):
+        for label, scale in (("bright", 3.0), ("dim", 1.0)):
+            for s in range(subjects):
+                save(pattern() * scale + s, np.eye(4), tmp_path / "mri" / split / label / f"{split}{s}" / "t1.nii.gz")
+    result = dinov2_repro.evaluate("knn", TINY_SPEC, tmp_path / "mri", output_dir=tmp_path / "knn",
+                                   overrides=["progress=false", "data.num_workers=0", "data.dedup_test=false"])
+    notes = result["data"]["notes"]
+    assert any("groups (patients or volumes) per split: train 4, val 2, test 2" in n for n in notes), notes
+    assert "by whole groups" in result["data"]["source"]["val"]
+    counts = result["data"]["counts"]
+    assert sum(counts["test"].values()) == 2 * (NZ - 3) and sum(counts["val"].values()) == 2 * (NZ - 3)
+    assert result["runs"][0]["test"]["n_samples"] == 2 * (NZ - 3)  # every test slice decoded and scored

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+from ..data.datasets import ImageFileDataset
+
 TRAIN_NAMES = ("training", "train")
 VAL_NAMES = ("validation", "val", "valid")
 TEST_NAMES = ("testing", "test")
@@ -48,10 +50,40 @@ class EvalSplits:
         return dict(classes=self.classes, counts=self.counts(), notes=self.notes, source=self.source)
 
 
-def _dataset(samples: Sequence[Tuple[str, int]], classes: Sequence[str], root: str):
-    from ..data.datasets import ImageFileDataset
+Sources = Dict[str, Tuple[object, int, str]]  # sample path -> (dataset that decodes it, its index there, its group)
 
+
+def _dataset(samples: Sequence[Tuple[str, int]], classes: Sequence[str], root: str, sources: Sources):
+    if sources:
+        return SourcedImages(list(samples), list(classes), root, sources)
     return ImageFileDataset(list(samples), list(classes), root)
+
+
+def _open_folder(folder: Path) -> Tuple[object, Sources]:
+    """A split (or class) folder of images, NIfTI volumes or DICOM series, and for volumes where each slice comes
+    from (slices are decoded by their volume's dataset, and grouped by volume or patient)."""
+    from ..data.datasets import ClassFolderDataset
+    from ..data.loaders import build_image_dataset, volume_files_kind
+
+    kind = volume_files_kind(folder)
+    if kind is None:
+        return ClassFolderDataset(folder), {}
+    dataset = build_image_dataset(str(folder), kind, labelled=True)
+    if not dataset.classes:
+        raise ValueError(f"{folder}: the volumes need class folders for evaluation ({folder}/<class>/...)")
+    return dataset, {path: (dataset, i, dataset.groups[i]) for i, (path, _) in enumerate(dataset.samples)}
+
+
+class SourcedImages(ImageFileDataset):
+    """Samples decoded by the datasets they came from (volume slices): one split's view over them."""
+
+    def __init__(self, samples, classes, root: str, sources: Sources):
+        super().__init__(samples, classes, root)
+        self.sources = {path: sources[path] for path, _ in samples}
+
+    def load_image(self, index: int):
+        dataset, source_index, _ = self.sources[self.samples[index][0]]
+        return dataset.load_image(source_index)
 
 
 def _find_split(root: Path, wanted: str, names: Sequence[str]) -> Optional[str]:
@@ -93,16 +125,15 @@ def _relabel(samples_by_split: Dict[str, Tuple[List[Tuple[str, int]], List[str]]
     return out, classes
 
 
-def _folder_splits(root: Path, cfg) -> Tuple[Dict[str, List[Tuple[str, int]]], List[str], Dict[str, str]]:
-    from ..data.datasets import ClassFolderDataset
-
+def _folder_splits(root: Path, cfg):
+    """(samples per split, classes, where each split came from, the `Sources` of volume slices)."""
     train_name = _find_split(root, cfg.train_split, TRAIN_NAMES)
     if train_name is None:
         if cfg.test_split or cfg.val_split:
             raise FileNotFoundError(f"{root}: data.test_split/val_split given but there is no training split folder "
                                     f"(one of {TRAIN_NAMES}, or set data.train_split)")
-        dataset = ClassFolderDataset(root)
-        return {"all": dataset.samples}, dataset.classes, {"all": str(root)}
+        dataset, sources = _open_folder(root)
+        return {"all": dataset.samples}, dataset.classes, {"all": str(root)}, sources
     found = {"train": train_name}
     test_name = _find_split(root, cfg.test_split, TEST_NAMES)
     val_name = _find_split(root, cfg.val_split, VAL_NAMES)
@@ -110,12 +141,13 @@ def _folder_splits(root: Path, cfg) -> Tuple[Dict[str, List[Tuple[str, int]]], L
         found["test"] = test_name
     if val_name:
         found["val"] = val_name
-    per_split = {}
+    per_split, sources = {}, {}
     for split, name in found.items():
-        dataset = ClassFolderDataset(root, split=name)
+        dataset, split_sources = _open_folder(root / name)
         per_split[split] = (dataset.samples, dataset.classes)
+        sources.update(split_sources)
     samples, classes = _relabel(per_split, str(root))
-    return samples, classes, {split: str(root / name) for split, name in found.items()}
+    return samples, classes, {split: str(root / name) for split, name in found.items()}, sources
 
 
 def _csv_splits(csv_path: Path, cfg):
@@ -158,9 +190,10 @@ def _csv_splits(csv_path: Path, cfg):
     return samples, dataset.classes, source
 
 
-def sample_groups(samples: Sequence[Tuple[str, int]], group_regex: str = "") -> Optional[List[str]]:
-    """Each sample's group (patient): the first group (else the match) of ``group_regex`` in its path; None
-    without a regex. A path the regex misses is an error."""
+def sample_groups(samples: Sequence[Tuple[str, int]], group_regex: str = "",
+                  known: Optional[Dict[str, str]] = None) -> Optional[List[str]]:
+    """Each sample's group (patient): the first group (else the match) of ``group_regex`` in its path, else the
+    volume's or DICOM patient's (``known``); None when neither applies. A path the regex misses is an error."""
     if group_regex:
         pattern = re.compile(group_regex)
         groups = []
@@ -170,15 +203,18 @@ def sample_groups(samples: Sequence[Tuple[str, int]], group_regex: str = "") -> 
                 raise ValueError(f"data.group_regex {group_regex!r} finds no group in {path}")
             groups.append(match.group(1) if pattern.groups else match.group(0))
         return groups
+    if known and all(path in known for path, _ in samples):
+        return [known[path] for path, _ in samples]
     return None
 
 
-def _hold_out(samples: List[Tuple[str, int]], fraction: float, cfg) -> Tuple[List, List, str]:
+def _hold_out(samples: List[Tuple[str, int]], fraction: float, cfg,
+              known: Optional[Dict[str, str]] = None) -> Tuple[List, List, str]:
     """(kept, held out, how): stratified per class, whole groups at a time when the samples have groups."""
     from ..data.datasets import stratified_group_split, stratified_split
 
     labels = [y for _, y in samples]
-    groups = sample_groups(samples, cfg.group_regex)
+    groups = sample_groups(samples, cfg.group_regex, known)
     if groups is None:
         kept, held = stratified_split(labels, fraction, seed=cfg.split_seed)
         how = f"stratified, seed {cfg.split_seed}"
@@ -188,10 +224,11 @@ def _hold_out(samples: List[Tuple[str, int]], fraction: float, cfg) -> Tuple[Lis
     return [samples[i] for i in kept], [samples[i] for i in held], how
 
 
-def check_group_leakage(samples: Dict[str, List[Tuple[str, int]]], cfg, where: str) -> Optional[str]:
+def check_group_leakage(samples: Dict[str, List[Tuple[str, int]]], cfg, where: str,
+                        known: Optional[Dict[str, str]] = None) -> Optional[str]:
     """An error when a group (patient) is in the test split and in training or validation, unless
     ``data.allow_group_overlap``; returns a note with the groups per split (None without groups)."""
-    groups = {split: set(sample_groups(s, cfg.group_regex) or []) for split, s in samples.items()}
+    groups = {split: set(sample_groups(s, cfg.group_regex, known) or []) for split, s in samples.items()}
     if not any(groups.values()):
         return None
     shared = sorted((groups["train"] | groups["val"]) & groups["test"])
@@ -210,9 +247,10 @@ def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
     if not root.exists():
         raise FileNotFoundError(f"--data {root}: no such file or directory")
     if root.suffix.lower() == ".csv":
-        samples, classes, source = _csv_splits(root, cfg)
+        (samples, classes, source), sources = _csv_splits(root, cfg), {}
     else:
-        samples, classes, source = _folder_splits(root, cfg)
+        samples, classes, source, sources = _folder_splits(root, cfg)
+    known_groups = {path: group for path, (_, _, group) in sources.items()}
     notes: List[str] = []
     dropped = {split: sum(1 for _, y in s if y < 0) for split, s in samples.items()}
     if any(dropped.values()):
@@ -223,25 +261,25 @@ def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
             raise ValueError(f"--data {root}: split {split!r} ({source.get(split)}) has no labelled images")
     root_str = str(root)
     if "all" in samples:
-        samples["train"], samples["test"], how = _hold_out(samples.pop("all"), cfg.test_fraction, cfg)
+        samples["train"], samples["test"], how = _hold_out(samples.pop("all"), cfg.test_fraction, cfg, known_groups)
         source = {"train": source["all"], "test": source["all"]}
         notes.append(f"No separate test split in {root}: held out {cfg.test_fraction:.0%} of each class "
                      f"({how}) as the test split. Nothing is selected on it.")
     if "test" not in samples:
-        samples["train"], samples["test"], how = _hold_out(samples["train"], cfg.test_fraction, cfg)
+        samples["train"], samples["test"], how = _hold_out(samples["train"], cfg.test_fraction, cfg, known_groups)
         notes.append(f"No test split found next to the training split: held out {cfg.test_fraction:.0%} of the "
                      f"training split ({how}) as the test split.")
     if "val" not in samples:
-        samples["train"], samples["val"], how = _hold_out(samples["train"], cfg.val_fraction, cfg)
+        samples["train"], samples["val"], how = _hold_out(samples["train"], cfg.val_fraction, cfg, known_groups)
         source["val"] = f"{cfg.val_fraction:.0%} of the training split held out per class ({how})"
-    group_note = check_group_leakage(samples, cfg, f"--data {root}")
+    group_note = check_group_leakage(samples, cfg, f"--data {root}", known_groups)
     if group_note:
         notes.append(group_note)
     overlap = {p for p, _ in samples["train"]} & {p for p, _ in samples["test"]}
     if overlap:
         raise ValueError(f"--data {root}: {len(overlap)} files are in both the training and the test split, "
                          f"e.g. {sorted(overlap)[:3]}")
-    datasets = {name: _dataset(samples[name], classes, root_str) for name in ("train", "val", "test")}
+    datasets = {name: _dataset(samples[name], classes, root_str, sources) for name in ("train", "val", "test")}
     return EvalSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"], classes=classes,
                       notes=notes, source=source)
 
