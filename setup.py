@@ -30,7 +30,9 @@ setup(
         "pydicom",  # DICOM series (data.kind=dicom)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image"],
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image",
+                "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],
+        "dicom": ["pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],  # compressed DICOM (JPEG, JPEG 2000)
         "benchmarks": ["scikit-image"],  # benchmarks/learning.py's real-image sets
         "xformers": ["xformers"],
         "faiss": ["faiss-cpu"],

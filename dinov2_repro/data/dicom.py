@@ -112,7 +112,7 @@ def read_frames(path: str):
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         name = getattr(syntax, "name", str(syntax))
         raise DicomError(f"{path}: cannot decode the pixels (transfer syntax {name}; {type(exc).__name__}: {exc}); "
-                         f"compressed files need one of pydicom's pixel-data plugins (pylibjpeg, pillow)") from exc
+                         f"compressed files need pydicom's pixel-data plugins: pip install -e '.[dicom]'") from exc
     frames = np.asarray(apply_rescale(array, ds), dtype=np.float32)
     frames = frames[None] if frames.ndim == 2 else frames
     if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
