@@ -137,3 +137,12 @@ def test_a_patient_with_series_in_training_and_test_is_a_leak(tmp_path):
     with pytest.raises(ValueError, match=r"1 group\(s\) are in the test split and in training or validation, "
                                          r"e\.g\. \['p1'\]"):
         build_eval_splits(tmp_path / "d", cfg)
+
+
+def test_single_slice_files_directly_in_class_folders_are_labelled(tmp_path):
+    for label, level in (("a", 100), ("b", 300)):
+        for i in range(2):
+            write_slice(tmp_path / label / f"{i}.dcm", disc(level), series=generate_uid(), patient=f"{label}{i}")
+    dataset = dicom_dataset(tmp_path)
+    assert dataset.classes == ["a", "b"] and sorted(y for _, y in dataset.samples) == [0, 0, 1, 1]
+    assert len(set(dataset.groups)) == 4

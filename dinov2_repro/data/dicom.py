@@ -161,7 +161,12 @@ class DicomSliceDataset(ImageFileDataset):
         self.cache_bytes, self._cache = int(cache_mb * 2**20), OrderedDict()
         self.skipped_files: List[Tuple[str, str]] = []
         samples, self.groups, self.slice_index = [], [], []  # slice_index[i] = (series uid, slice)
-        for uid, paths in series.items():
+        items = series.items()
+        if len(series) > 50:  # indexing decodes every series once
+            from tqdm import tqdm
+
+            items = tqdm(items, desc="indexing DICOM series", unit="series")
+        for uid, paths in items:
             try:
                 volume, _ = read_series(paths)
             except DicomError as exc:  # named and counted; the other series go on
@@ -201,7 +206,7 @@ class DicomSliceDataset(ImageFileDataset):
 
 
 def dicom_dataset(root: os.PathLike | str, cfg_data=None, transform=None, labelled: bool = True) -> DicomSliceDataset:
-    """Every DICOM series under ``root``; class folders (``root/<class>/<series>/...``) give labels (unless
+    """Every DICOM series under ``root``; class folders (``root/<class>/...``) give labels (unless
     ``labelled=False``: pretraining). Unreadable files are skipped, counted and named in one warning."""
     root = Path(root)
     files = dicom_files_under(root)
@@ -209,7 +214,7 @@ def dicom_dataset(root: os.PathLike | str, cfg_data=None, transform=None, labell
         raise FileNotFoundError(f"no DICOM files (.dcm, or files starting with the DICM preamble) under {root}")
     series, patient, failed = group_series(files)
     relative = {uid: Path(paths[0]).relative_to(root).parts for uid, paths in series.items()}
-    labelled = labelled and all(len(parts) > 2 for parts in relative.values())
+    labelled = labelled and all(len(parts) > 1 for parts in relative.values())  # root/<class>/[<series>/]<file>
     classes = sorted({parts[0] for parts in relative.values()}) if labelled else []
     labels = {uid: classes.index(parts[0]) for uid, parts in relative.items()} if labelled else None
     options = {}
