@@ -246,11 +246,9 @@ def save_config(cfg, path: os.PathLike) -> None:
     """Write the resolved config as YAML (atomically), so the run restarts from this file alone."""
     from omegaconf import OmegaConf
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    os.replace(tmp, path)
+    from ..files import write_text_atomic
+
+    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def config_to_dict(cfg) -> dict:

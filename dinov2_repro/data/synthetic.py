@@ -35,6 +35,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..files import write_atomic
+
 CLASSES = ("glioma", "meningioma", "notumor", "pituitary")
 SPLITS = ("Training", "Testing")
 GENERATOR_VERSION = 2  # 2: larger lesions, enhancing in every sequence
@@ -375,9 +377,8 @@ def encode_png_gray(array: np.ndarray) -> bytes:
 
 def _write_png_atomic(array: np.ndarray, path: Path) -> None:
     # Write-then-rename so that concurrent generators (several ranks) never expose a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(encode_png_gray(array))
-    os.replace(tmp, path)
+    png = encode_png_gray(array)
+    write_atomic(path, lambda tmp: tmp.write_bytes(png))
 
 
 def _claim_folder(out: Path, params: dict) -> None:

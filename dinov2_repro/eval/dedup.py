@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import image_list_sha1, loader_workers
-from ..models.weights import read_weights_file
+from ..models.weights import read_weights_file, write_tensor_file
 
 
 HASH_SIDE = 16  # bits = HASH_SIDE ** 2
@@ -70,10 +70,7 @@ def cached_image_hashes(dataset, cache_dir: os.PathLike | str, split: str, num_w
         stored = read_weights_file(path)
         return stored["bits"], stored["ok"]
     bits, ok = image_hashes(dataset, num_workers, progress, desc=f"hashes {split}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(dict(bits=bits, ok=ok), tmp)
-    os.replace(tmp, path)
+    write_tensor_file(path, dict(bits=bits, ok=ok))
     return bits, ok
 
 

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from ..data.datasets import image_list_sha1, loader_workers
-from ..models.weights import read_weights_file
+from ..models.weights import read_weights_file, write_tensor_file
 from .dedup import difference_hash
 
 CACHE_VERSION = 2
@@ -262,8 +262,5 @@ def cached_features(model, info: Dict[str, Any], dataset, transform, cache_dir: 
                                 desc=f"features {split}")
     if features.skipped:
         log(f"[features] {split}: {len(features.skipped)} unreadable image(s) left out, e.g. {features.skipped[:3]}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
-    torch.save(dict(key=key, features=features.to_dict()), tmp)
-    os.replace(tmp, path)
+    write_tensor_file(path, dict(key=key, features=features.to_dict()))
     return features, False

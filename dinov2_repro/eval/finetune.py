@@ -261,9 +261,8 @@ def run_finetune(backbone: nn.Module, info: Dict[str, Any], train_set, val_set, 
 def _save_best(path: Path, info: Dict[str, Any], n_classes: int, head_input: str, best: Dict[str, Any],
                preprocessing: Dict[str, Any], classes: List[str]) -> None:
     """The best-on-val model: backbone in hub layout (loadable as a SPEC), head, and what is needed to rebuild it."""
-    import os
+    from ..models.weights import write_tensor_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     arch_keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio", "qkv_bias",
                  "proj_bias", "ffn_bias", "ffn_layer", "init_values", "num_register_tokens",
                  "interpolate_offset", "interpolate_antialias")
@@ -273,6 +272,4 @@ def _save_best(path: Path, info: Dict[str, Any], n_classes: int, head_input: str
         arch={k: info[k] for k in arch_keys if k in info}, n_classes=n_classes, head_input=head_input,
         epoch=best["epoch"], val_accuracy=best["accuracy"], preprocessing=preprocessing,
         source_spec=info.get("spec"), classes=classes, kind="finetune")
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    write_tensor_file(path, payload)

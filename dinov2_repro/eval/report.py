@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from ..files import write_text_atomic
+
 MODE_TITLES = {"linear": "Linear probe", "knn": "k-NN", "finetune": "Fine-tuning"}
 SUMMARY_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc."), ("macro_f1", "macro F1"),
                    ("macro_roc_auc", "macro ROC-AUC"), ("dedup_accuracy", "acc. w/o near-dups"))
@@ -18,11 +20,7 @@ SUMMARY_METRICS = (("accuracy", "accuracy"), ("balanced_accuracy", "balanced acc
 
 def write_text(path: os.PathLike, text: str) -> None:
     """Text, atomically: a reader never sees half a file, and a crash leaves the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def write_json(path: os.PathLike, obj: Any) -> None:

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from ..layers.swiglu_ffn import swiglu_hidden_features
+from ..files import write_atomic
 from .convert import convert_hf_state_dict, flatten_block_chunks, hf_config_to_arch, short_list
 
 # Published variants: width -> heads (all 64-dim heads). Other widths need num_heads from a sidecar or a config.
@@ -297,20 +298,11 @@ def sidecar_description(backbone, state: Mapping[str, Tensor], *, arch: str, ffn
         ffn_bias=any(k in blocks for k in ("blocks.0.mlp.fc1.bias", "blocks.0.mlp.w12.bias")), **extra)
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_tensor_file(path: os.PathLike, obj: Any) -> Path:
     """Tensors and plain containers (what `read_weights_file` reads back), written atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
     return path
 
 
@@ -320,8 +312,8 @@ def write_export(export_dir: os.PathLike, state: Mapping[str, Tensor], descripti
     export_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().clone().float().cpu().contiguous() for k, v in state.items()}
     target = export_dir / EXPORT_WEIGHTS
-    _write_atomic(target, lambda tmp: torch.save(state, tmp))
-    _write_atomic(export_dir / SIDECAR, lambda tmp: tmp.write_text(json.dumps(dict(description), indent=2) + "\n"))
+    write_atomic(target, lambda tmp: torch.save(state, tmp))
+    write_atomic(export_dir / SIDECAR, lambda tmp: tmp.write_text(json.dumps(dict(description), indent=2) + "\n"))
     return target
 
 

@@ -36,6 +36,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
+from ..files import write_text_atomic
+
 log = logging.getLogger("dinov2_repro.train")
 
 CHECKPOINT_DIR = "checkpoints"
@@ -139,12 +141,6 @@ def latest_checkpoint(run_dir: os.PathLike) -> Optional[Path]:
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path)
@@ -185,7 +181,7 @@ def save_checkpoint(run_dir: os.PathLike, iteration: int, model, optimizer, meta
     if rank == 0:
         _remove(final)
         os.replace(tmp, final)
-        _write_text_atomic(checkpoints_dir(run_dir) / LATEST, final.name + "\n")
+        write_text_atomic(checkpoints_dir(run_dir) / LATEST, final.name + "\n")
         _prune(run_dir, keep_last)
     _barrier()
     return final

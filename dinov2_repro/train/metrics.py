@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ..files import write_text_atomic
+
 log = logging.getLogger("dinov2_repro.train")
 
 
@@ -86,9 +88,7 @@ class MetricsLogger:
             log.info("metrics.jsonl: dropping %d records after iteration %d (re-run after resume)",
                      len(records) - len(kept), start_iter)
         if len(kept) != n_lines:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)
+            write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
 
     def _make_bar(self):
         try:

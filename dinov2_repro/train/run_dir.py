@@ -20,6 +20,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..files import write_text_atomic
+
 log = logging.getLogger("dinov2_repro.train")
 
 EXPORT_DIR = "export"
@@ -42,14 +44,10 @@ def writing(what: str, path: os.PathLike) -> Iterator[None]:
         raise RunDirError(f"cannot write {what} to {where}: {exc.strerror or exc}") from exc
 
 
-def write_text_atomic(path: Path, text: str, what: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+def write_text_named(path: Path, text: str, what: str) -> None:
+    """`files.write_text_atomic`, with a refused write named as ``what`` (see `writing`)."""
     with writing(what, path):
-        try:
-            tmp.write_text(text)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_text_atomic(path, text)
 
 
 # ------------------------------------------------------------------------------------------------ lock
@@ -184,12 +182,12 @@ def write_config(cfg, run_dir: Path, resuming: bool) -> None:
         changed = config_differences(path, cfg)
         if changed:
             log.warning("config.yaml differs from the run being resumed: %s", "; ".join(changed))
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
+    write_text_named(path, OmegaConf.to_yaml(cfg, resolve=True), "the resolved config")
 
 
 # ------------------------------------------------------------------------------------------------ summary, export
 def write_summary(run_dir: Path, summary: Dict[str, Any]) -> None:
-    write_text_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", "the run summary")
+    write_text_named(run_dir / SUMMARY_FILE, json.dumps(summary, indent=2) + "\n", "the run summary")
 
 
 def read_summary(run_dir: Path) -> Optional[Dict[str, Any]]:
