@@ -149,3 +149,19 @@ def test_evaluation_reads_volumes_and_holds_out_whole_volumes(tmp_path):
     counts = result["data"]["counts"]
     assert sum(counts["test"].values()) == 2 * (NZ - 3) and sum(counts["val"].values()) == 2 * (NZ - 3)
     assert result["runs"][0]["test"]["n_samples"] == 2 * (NZ - 3)  # every test slice decoded and scored
+
+
+def test_volume_cache_evicts_least_recently_used_and_indexing_fills_it(tmp_path, monkeypatch):
+    from dinov2_repro.data import volumes as volumes_module
+    from dinov2_repro.data.volumes import VolumeCache
+
+    cache = VolumeCache(megabytes=2.5 / 1024)  # 2,560 bytes: two 1,024-byte arrays fit, three do not
+    for key in "abc":
+        cache.put(key, np.zeros(1024, np.uint8))
+        if key == "b":
+            cache.get("a", lambda: None)  # "a" becomes the most recent
+    assert list(cache.items) == ["a", "c"] and cache.nbytes == 2048
+    path = save(pattern(), np.eye(4), tmp_path / "v.nii.gz")
+    dataset = VolumeSliceDataset([path], [], str(tmp_path))
+    monkeypatch.setattr(volumes_module, "read_nifti", lambda *a, **k: pytest.fail("volume read twice"))
+    assert dataset.load_image(0) is not None  # served from what indexing already decoded

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .datasets import UNLABELED, ImageFileDataset
-from .volumes import foreground_mask, normalise_volume
+from .volumes import VolumeCache, foreground_mask, normalise_volume
 
 # (center, width) in modality units
 WINDOW_PRESETS = {"brain": (40.0, 80.0), "subdural": (75.0, 215.0), "bone": (600.0, 2800.0),
@@ -158,7 +158,7 @@ class DicomSliceDataset(ImageFileDataset):
                  labels: Optional[Dict[str, int]] = None, *, window_mode: str = "percentile",
                  min_foreground: float = 0.05, cache_mb: float = 512, transform=None):
         self.series, self.window_mode = series, window_mode
-        self.cache_bytes, self._cache = int(cache_mb * 2**20), OrderedDict()
+        self._cache = VolumeCache(cache_mb)
         self.skipped_files: List[Tuple[str, str]] = []
         samples, self.groups, self.slice_index = [], [], []  # slice_index[i] = (series uid, slice)
         items = series.items()
@@ -168,8 +168,9 @@ class DicomSliceDataset(ImageFileDataset):
             items = tqdm(items, desc="indexing DICOM series", unit="series")
         for uid, paths in items:
             try:
-                volume, _ = read_series(paths)
-            except DicomError as exc:  # named and counted; the other series go on
+                volume, ds = read_series(paths)
+                self._cache.put(uid, windowed(volume, ds, window_mode))  # decoded once, not again on access
+            except (DicomError, ValueError) as exc:  # named and counted; the other series go on
                 self.skipped_files.append((paths[0], str(exc)))
                 continue
             fraction = foreground_mask(volume).mean(axis=(1, 2))
@@ -182,15 +183,7 @@ class DicomSliceDataset(ImageFileDataset):
         super().__init__(samples, classes, root, transform)
 
     def _windowed_series(self, uid: str) -> np.ndarray:
-        if uid in self._cache:
-            self._cache.move_to_end(uid)
-            return self._cache[uid]
-        volume, ds = read_series(self.series[uid])
-        images = windowed(volume, ds, self.window_mode)
-        self._cache[uid] = images
-        while sum(v.nbytes for v in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-            self._cache.popitem(last=False)  # least recently used first
-        return images
+        return self._cache.get(uid, lambda: windowed(*read_series(self.series[uid]), self.window_mode))
 
     def load_image(self, index: int):
         uid, k = self.slice_index[index]

@@ -99,6 +99,30 @@ def oriented_slice(volume: np.ndarray, axis: int, index: int) -> np.ndarray:
     return np.rot90(np.take(volume, index, axis=axis))
 
 
+class VolumeCache:
+    """Recently used decoded volumes, the least recently used dropped first beyond ``megabytes`` (one per process:
+    each loader worker keeps its own)."""
+
+    def __init__(self, megabytes: float):
+        self.limit, self.nbytes, self.items = int(megabytes * 2**20), 0, OrderedDict()
+
+    def get(self, key, load):
+        """The cached value of ``key``, or ``load()`` remembered under it."""
+        if key in self.items:
+            self.items.move_to_end(key)
+            return self.items[key]
+        return self.put(key, load())
+
+    def put(self, key, value: np.ndarray) -> np.ndarray:
+        if key in self.items:
+            self.nbytes -= self.items.pop(key).nbytes
+        self.items[key] = value
+        self.nbytes += value.nbytes
+        while self.nbytes > self.limit and len(self.items) > 1:
+            self.nbytes -= self.items.popitem(last=False)[1].nbytes
+        return value
+
+
 class VolumeSliceDataset(ImageFileDataset):
     """The kept slices of every NIfTI volume under ``root`` (or in ``files``), as uint8 (3, H, W) images.
 
@@ -114,7 +138,7 @@ class VolumeSliceDataset(ImageFileDataset):
         self.axis_name, self.axis = axis, AXES[axis]
         self.min_foreground, self.two_and_a_half_d = float(min_foreground), bool(two_and_a_half_d)
         self.volume_index, self.percentiles = int(volume_index), tuple(percentiles)
-        self.cache_bytes, self._cache = int(cache_mb * 2**20), OrderedDict()
+        self._cache = VolumeCache(cache_mb)
         self.skipped_volumes: List[Tuple[str, str]] = []  # (path, reason)
         samples, self.groups = [], []
         iterator = files
@@ -146,19 +170,13 @@ class VolumeSliceDataset(ImageFileDataset):
         for t, volume in enumerate(volumes):
             fraction = foreground_mask(volume).mean(axis=tuple(a for a in range(3) if a != self.axis))
             kept += [(t, int(k)) for k in np.flatnonzero(fraction >= self.min_foreground)]
+            self._cache.put((path, t), normalise_volume(volume, self.percentiles))  # read once, not again on access
         return kept
 
     def _volume(self, path: str, t: int) -> np.ndarray:
         """Volume ``t`` of ``path`` (0 unless every volume of a 4D file is used), normalised, via the cache."""
-        key = (path, t)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        volume = normalise_volume(read_nifti(path, self.volume_index)[t], self.percentiles)
-        self._cache[key] = volume
-        while sum(v.nbytes for v in self._cache.values()) > self.cache_bytes and len(self._cache) > 1:
-            self._cache.popitem(last=False)  # least recently used first
-        return volume
+        return self._cache.get((path, t), lambda: normalise_volume(read_nifti(path, self.volume_index)[t],
+                                                                   self.percentiles))
 
     def load_image(self, index: int):
         sample = self.samples[index][0]
