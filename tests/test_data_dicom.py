@@ -123,8 +123,7 @@ def test_pretraining_reads_a_folder_of_dicom_series(tmp_path):
 
 
 def test_a_patient_with_series_in_training_and_test_is_a_leak(tmp_path):
-    from types import SimpleNamespace
-
+    from dinov2_repro.eval.config import EvalDataConfig
     from dinov2_repro.eval.splits import build_eval_splits
 
     for split, patient in (("Training", "p1"), ("Training", "p2"), ("Testing", "p1")):
@@ -132,8 +131,7 @@ def test_a_patient_with_series_in_training_and_test_is_a_leak(tmp_path):
         for z in range(2):
             write_slice(tmp_path / "d" / split / "glioma" / f"{patient}_{split}" / f"{z}.dcm", disc(100 + z),
                         series=series, position=float(z), patient=patient)
-    cfg = SimpleNamespace(train_split="", val_split="", test_split="", val_fraction=0.5, test_fraction=0.2,
-                          split_seed=0, group_regex="", allow_group_overlap=False)
+    cfg = EvalDataConfig(val_fraction=0.5)
     with pytest.raises(ValueError, match=r"1 group\(s\) are in the test split and in training or validation, "
                                          r"e\.g\. \['p1'\]"):
         build_eval_splits(tmp_path / "d", cfg)
@@ -146,3 +144,24 @@ def test_single_slice_files_directly_in_class_folders_are_labelled(tmp_path):
     dataset = dicom_dataset(tmp_path)
     assert dataset.classes == ["a", "b"] and sorted(y for _, y in dataset.samples) == [0, 0, 1, 1]
     assert len(set(dataset.groups)) == 4
+
+
+def test_slice_spacing_thins_a_series_by_its_positions(tmp_path):
+    from dinov2_repro.data.dicom import DicomSliceDataset
+
+    series, positions = generate_uid(), [5.0, 0.0, 2.5, 1.0, 6.0, 3.0]  # irregular, files in shuffled order
+    for i, z in enumerate(positions):
+        write_slice(tmp_path / "s" / f"{i}.dcm", disc(100 + 10 * z), series=series, position=z, instance=6 - i)
+    ordered, patient, _ = group_series(sorted(str(p) for p in (tmp_path / "s").iterdir()))
+    kept = DicomSliceDataset(ordered, patient, [], str(tmp_path), slice_spacing_mm=2.0)
+    # sorted positions 0, 1, 2.5, 3, 5, 6: from 0, the next at >= 2 mm is 2.5, then 5
+    assert [k for _, k in kept.slice_index] == [0, 2, 4]
+    assert [positions[int(p.rsplit("/", 1)[1][:-4])] for p, _ in kept.samples] == [0.0, 2.5, 5.0]
+    everything = DicomSliceDataset(ordered, patient, [], str(tmp_path))
+    assert len(everything) == 6
+    unplaced = generate_uid()
+    for i in range(3):
+        write_slice(tmp_path / "u" / f"{i}.dcm", disc(100), series=unplaced, instance=i + 1)
+    ordered, patient, _ = group_series(sorted(str(p) for p in (tmp_path / "u").iterdir()))
+    with pytest.warns(RuntimeWarning, match=r"0\.dcm: no ImagePositionPatient.*slice_spacing_mm=2 cannot thin"):
+        assert len(DicomSliceDataset(ordered, patient, [], str(tmp_path), slice_spacing_mm=2.0)) == 3

@@ -165,3 +165,29 @@ def test_volume_cache_evicts_least_recently_used_and_indexing_fills_it(tmp_path,
     dataset = VolumeSliceDataset([path], [], str(tmp_path))
     monkeypatch.setattr(volumes_module, "read_nifti", lambda *a, **k: pytest.fail("volume read twice"))
     assert dataset.load_image(0) is not None  # served from what indexing already decoded
+
+
+def test_slice_spacing_keeps_slices_at_least_that_far_apart_along_the_reoriented_axis(tmp_path):
+    from types import SimpleNamespace
+
+    full = np.zeros((6, 6, 10), np.float32)
+    full[1:5, 1:5, :] = 100.0  # every axial slice has foreground (16 of 36 voxels)
+    one_mm = save(full, np.eye(4), tmp_path / "a" / "iso.nii.gz")
+    dataset = VolumeSliceDataset([one_mm], [], str(tmp_path), slice_spacing_mm=3.0)
+    assert [split_slice_path(p)[1] for p, _ in dataset.samples] == [0, 3, 6, 9]  # 1 mm apart: every third
+    two_mm = save(full, np.diag([1.0, 1.0, 2.0, 1.0]), tmp_path / "b" / "z2.nii.gz")
+    dataset = VolumeSliceDataset([two_mm], [], str(tmp_path), slice_spacing_mm=3.0)
+    assert [split_slice_path(p)[1] for p, _ in dataset.samples] == [0, 2, 4, 6, 8]  # 2 mm: 4 mm apart, not 2
+    # stored (z, y, x): the file's third axis is x at 3 mm, its first is z (axial) at 1 mm
+    stored = full.transpose(2, 1, 0).copy()
+    affine = np.array([[0, 0, 3, 0], [0, 3, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
+    swapped = save(stored, affine, tmp_path / "c" / "zyx.nii.gz")
+    dataset = VolumeSliceDataset([swapped], [], str(tmp_path), slice_spacing_mm=3.0)
+    assert [split_slice_path(p)[1] for p, _ in dataset.samples] == [0, 3, 6, 9]
+    # through the config key, and only among the slices with foreground (2..7 in the pattern)
+    cfg = SimpleNamespace(volume_axis="axial", volume_min_foreground=0.05, volume_25d=False, volume_index=0,
+                          slice_spacing_mm=3.0)
+    save(pattern(), np.eye(4), tmp_path / "d" / "p.nii.gz")
+    assert [split_slice_path(p)[1] for p, _ in volume_dataset(tmp_path / "d", cfg).samples] == [2, 5]
+    cfg.slice_spacing_mm = 0.0
+    assert len(volume_dataset(tmp_path / "d", cfg)) == NZ - 3  # 0 = off

@@ -1,20 +1,17 @@
 """Evaluation splits: val held out of train, test untouched or held out (and said so), stratified label fractions."""
 
 from collections import Counter
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dinov2_repro.eval.config import EvalDataConfig
 from dinov2_repro.eval.splits import build_eval_splits, label_fraction_indices
 
 
 def data_cfg(**kw):
-    base = dict(train_split="", val_split="", test_split="", val_fraction=0.1, test_fraction=0.2, split_seed=0,
-                group_regex="", allow_group_overlap=False)
-    base.update(kw)
-    return SimpleNamespace(**base)
+    return EvalDataConfig(**kw)
 
 
 def _write(folder, counts):

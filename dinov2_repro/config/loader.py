@@ -191,8 +191,9 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     in_range("student.drop_path_rate", 0.0, 1.0, high_open=True)
     in_range("checkpoint.period_minutes", 0.0, float("inf"))
     in_range("data.volume_min_foreground", 0.0, 1.0)
-    one_of("data.volume_axis", ("axial", "coronal", "sagittal"))
-    one_of("data.dicom_window", ("percentile", "file", "brain", "subdural", "bone", "soft_tissue", "lung"))
+    in_range("data.slice_spacing_mm", 0.0, float("inf"))
+    one_of("data.volume_axis", schema.VOLUME_AXES)
+    one_of("data.dicom_window", schema.DICOM_WINDOWS)
     in_range("student.layerscale", 0.0, float("inf"))
     in_range("student.interpolate_offset", 0.0, 1.0)
     custom = [cfg.student.embed_dim, cfg.student.depth, cfg.student.num_heads]

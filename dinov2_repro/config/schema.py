@@ -19,6 +19,8 @@ PARALLELISMS = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers")
 DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti", "dicom")
+VOLUME_AXES = ("axial", "coronal", "sagittal")
+DICOM_WINDOWS = ("percentile", "file", "brain", "subdural", "bone", "soft_tissue", "lung")
 AUG_PRESETS = ("dinov2", "mri")
 BLUR_MODES = ("paper", "as_released")
 NONFINITE_POLICIES = ("stop", "skip_batch")
@@ -133,6 +135,7 @@ class DataConfig:
     volume_25d: bool = False  # kind nifti: the slices below, at and above as the 3 channels
     volume_index: int = 0  # kind nifti, 4D files: which volume; -1 = each
     dicom_window: str = "percentile"  # kind dicom: percentile | file (WindowCenter/Width) | brain | bone | ...
+    slice_spacing_mm: float = 0.0  # nifti/dicom: keep slices at least this many mm apart along the slicing axis; 0 = all
 
 
 @dataclass

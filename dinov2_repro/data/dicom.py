@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .datasets import UNLABELED, ImageFileDataset
-from .volumes import VolumeCache, foreground_mask, normalise_volume
+from .volumes import VolumeCache, foreground_mask, normalise_volume, spaced_indices
 
 # (center, width) in modality units
 WINDOW_PRESETS = {"brain": (40.0, 80.0), "subdural": (75.0, 215.0), "bone": (600.0, 2800.0),
@@ -122,11 +122,34 @@ def read_frames(path: str):
 
 def read_series(paths: Sequence[str]):
     """One series (files in slice order, or one multi-frame file) -> ((slices, H, W) float32, first dataset)."""
+    volume, datasets = read_series_headers(paths)
+    return volume, datasets[0]
+
+
+def read_series_headers(paths: Sequence[str]):
+    """`read_series`, with every file's dataset (their positions give the slice spacing)."""
     read = [read_frames(path) for path in paths]
     shapes = sorted({frames.shape[1:] for frames, _ in read})
     if len(shapes) != 1:
         raise DicomError(f"{paths[0]}: the series mixes slice sizes {shapes}")
-    return np.concatenate([frames for frames, _ in read]), read[0][1]
+    return np.concatenate([frames for frames, _ in read]), [ds for _, ds in read]
+
+
+def slice_positions(datasets: Sequence, n_slices: int) -> Optional[List[float]]:
+    """Each slice's position in mm along the slice normal: ImagePositionPatient of each file, else slice k at
+    k x SpacingBetweenSlices (or SliceThickness) of the first file (multi-frame files); None when neither is known."""
+    if len(datasets) == n_slices:
+        positions = [_position_along_normal(ds) for ds in datasets]
+        if all(p is not None for p in positions):
+            return positions
+    first = datasets[0]
+    shared = first.get("SharedFunctionalGroupsSequence")
+    measures = shared[0].get("PixelMeasuresSequence") if shared else None
+    for source in ([measures[0]] if measures else []) + [first]:
+        for key in ("SpacingBetweenSlices", "SliceThickness"):
+            if source.get(key) not in (None, "") and float(source.get(key)) > 0:
+                return [k * float(source.get(key)) for k in range(n_slices)]
+    return None
 
 
 def window(volume: np.ndarray, center: float, width: float) -> np.ndarray:
@@ -156,8 +179,9 @@ class DicomSliceDataset(ImageFileDataset):
 
     def __init__(self, series: Dict[str, List[str]], patient: Dict[str, str], classes: Sequence[str], root: str,
                  labels: Optional[Dict[str, int]] = None, *, window_mode: str = "percentile",
-                 min_foreground: float = 0.05, cache_mb: float = 512, transform=None):
+                 min_foreground: float = 0.05, slice_spacing_mm: float = 0.0, cache_mb: float = 512, transform=None):
         self.series, self.window_mode = series, window_mode
+        self.min_foreground, self.slice_spacing_mm = float(min_foreground), float(slice_spacing_mm)
         self._cache = VolumeCache(cache_mb)
         self.skipped_files: List[Tuple[str, str]] = []
         samples, self.groups, self.slice_index = [], [], []  # slice_index[i] = (series uid, slice)
@@ -167,20 +191,35 @@ class DicomSliceDataset(ImageFileDataset):
 
             items = tqdm(items, desc="indexing DICOM series", unit="series")
         for uid, paths in items:
-            try:
-                volume, ds = read_series(paths)
-                self._cache.put(uid, windowed(volume, ds, window_mode))  # decoded once, not again on access
-            except (DicomError, ValueError) as exc:  # named and counted; the other series go on
-                self.skipped_files.append((paths[0], str(exc)))
-                continue
-            fraction = foreground_mask(volume).mean(axis=(1, 2))
-            multi_frame = len(paths) == 1 and volume.shape[0] > 1
-            for k in np.flatnonzero(fraction >= min_foreground):
+            kept, n_slices = self._index_series(uid, paths)
+            multi_frame = len(paths) == 1 and n_slices > 1
+            for k in kept:
                 name = f"{paths[0]}::frame={k}" if multi_frame else paths[k]
                 samples.append((name, (labels or {}).get(uid, UNLABELED)))
                 self.groups.append(patient.get(uid, uid))
                 self.slice_index.append((uid, int(k)))
         super().__init__(samples, classes, root, transform)
+
+    def _index_series(self, uid: str, paths: List[str]) -> Tuple[List[int], int]:
+        """(the kept slices of one series: enough foreground, thinned by spacing; its slice count); ([], 0), named,
+        when it is unreadable."""
+        try:
+            volume, datasets = read_series_headers(paths)
+            self._cache.put(uid, windowed(volume, datasets[0], self.window_mode))  # decoded once, not on access
+        except (DicomError, ValueError) as exc:  # named and counted; the other series go on
+            self.skipped_files.append((paths[0], str(exc)))
+            return [], 0
+        slices = np.flatnonzero(foreground_mask(volume).mean(axis=(1, 2)) >= self.min_foreground)
+        if self.slice_spacing_mm <= 0:
+            return [int(k) for k in slices], volume.shape[0]
+        positions = slice_positions(datasets, volume.shape[0])
+        if positions is None:  # keep them all rather than guess a spacing
+            warnings.warn(f"{paths[0]}: no ImagePositionPatient, SpacingBetweenSlices or SliceThickness, so "
+                          f"data.slice_spacing_mm={self.slice_spacing_mm:g} cannot thin this series; every slice "
+                          f"kept", RuntimeWarning, stacklevel=3)
+            return [int(k) for k in slices], volume.shape[0]
+        kept = spaced_indices([positions[k] for k in slices], self.slice_spacing_mm)
+        return [int(slices[i]) for i in kept], volume.shape[0]
 
     def _windowed_series(self, uid: str) -> np.ndarray:
         return self._cache.get(uid, lambda: windowed(*read_series(self.series[uid]), self.window_mode))
@@ -212,7 +251,8 @@ def dicom_dataset(root: os.PathLike | str, cfg_data=None, transform=None, labell
     labels = {uid: classes.index(parts[0]) for uid, parts in relative.items()} if labelled else None
     options = {}
     if cfg_data is not None:
-        options = dict(window_mode=str(cfg_data.dicom_window), min_foreground=float(cfg_data.volume_min_foreground))
+        options = dict(window_mode=str(cfg_data.dicom_window), min_foreground=float(cfg_data.volume_min_foreground),
+                       slice_spacing_mm=float(cfg_data.slice_spacing_mm))
     dataset = DicomSliceDataset(series, patient, classes, str(root), labels, transform=transform, **options)
     dataset.skipped_files = failed + dataset.skipped_files
     if dataset.skipped_files:

@@ -5,7 +5,9 @@ gives the same slices whatever the file's own axis order and flips. Slices are t
 default, the S axis), shown with anterior at the top. Intensities are normalised per volume robustly: the 0.5 and
 99.5 percentiles of the foreground voxels map to 0 and 255. Slices whose foreground fraction is below
 ``min_foreground`` are skipped (background above the head, below the neck). A 4D volume gives its ``volume_index``
-volume, or each (``-1``). The 2.5D mode stacks the slices below, at and above as the 3 channels.
+volume, or each (``-1``). The 2.5D mode stacks the slices below, at and above as the 3 channels. With
+``slice_spacing_mm`` > 0 the kept slices are thinned to at least that distance apart (the voxel size along the
+slicing axis of the reoriented volume).
 
 `VolumeSliceDataset` indexes (volume, slice) pairs when it is built (one read of each volume, with a progress bar)
 and decodes on access, keeping recently used volumes in a per-process cache bounded in megabytes. Its samples are
@@ -62,10 +64,20 @@ def split_slice_path(sample: str) -> Tuple[str, Optional[int], int]:
 def read_nifti(path: os.PathLike | str, volume_index: int = 0) -> List[np.ndarray]:
     """The volume(s) of a NIfTI file in RAS+ orientation, float32: a 3D file gives one, a 4D file its
     ``volume_index``-th volume or, with -1, every volume."""
+    return read_nifti_with_spacing(path, volume_index)[0]
+
+
+def read_nifti_with_spacing(path: os.PathLike | str, volume_index: int = 0) -> Tuple[List[np.ndarray], np.ndarray]:
+    """`read_nifti`'s volumes and the voxel size in mm along each RAS+ array axis (from the reoriented affine, so
+    the slicing axis's spacing is the right one whatever the file's own axis order)."""
     import nibabel as nib
 
     image = nib.as_closest_canonical(nib.load(str(path)))
-    data = np.asarray(image.dataobj, dtype=np.float32)
+    spacing = np.sqrt((np.asarray(image.affine)[:3, :3] ** 2).sum(axis=0))
+    return _volumes_of(path, np.asarray(image.dataobj, dtype=np.float32), volume_index), spacing
+
+
+def _volumes_of(path, data: np.ndarray, volume_index: int) -> List[np.ndarray]:
     if data.ndim == 3:
         return [data]
     if data.ndim == 4:
@@ -75,6 +87,19 @@ def read_nifti(path: os.PathLike | str, volume_index: int = 0) -> List[np.ndarra
             raise ValueError(f"{path}: volume index {volume_index}, but the file holds {data.shape[3]} volumes")
         return [data[..., volume_index]]
     raise ValueError(f"{path}: a {data.ndim}-D image; volumes are 3-D or 4-D")
+
+
+def spaced_indices(positions: Sequence[float], min_mm: float) -> List[int]:
+    """Indices into ``positions`` (mm along the slicing axis, in slice order) such that each kept slice is at least
+    ``min_mm`` from the one kept before it, greedily from the first; every index when ``min_mm`` <= 0. Positions
+    rather than a fixed step, so that irregularly spaced DICOM series are thinned by distance too."""
+    if min_mm <= 0:
+        return list(range(len(positions)))
+    kept: List[int] = []
+    for i, position in enumerate(positions):
+        if not kept or abs(position - positions[kept[-1]]) >= min_mm - 1e-3:  # 1 µm: float positions in headers
+            kept.append(i)
+    return kept
 
 
 def foreground_mask(volume: np.ndarray) -> np.ndarray:
@@ -132,12 +157,13 @@ class VolumeSliceDataset(ImageFileDataset):
     def __init__(self, files: Sequence[str], classes: Sequence[str], root: str, labels: Optional[Dict[str, int]]
                  = None, *, axis: str = "axial", min_foreground: float = 0.05, two_and_a_half_d: bool = False,
                  volume_index: int = 0, percentiles: Sequence[float] = (0.5, 99.5), cache_mb: float = 512,
-                 transform=None, progress: bool = False):
+                 slice_spacing_mm: float = 0.0, transform=None, progress: bool = False):
         if axis not in AXES:
             raise ValueError(f"data.volume_axis={axis!r} is not one of {tuple(AXES)}")
         self.axis_name, self.axis = axis, AXES[axis]
         self.min_foreground, self.two_and_a_half_d = float(min_foreground), bool(two_and_a_half_d)
         self.volume_index, self.percentiles = int(volume_index), tuple(percentiles)
+        self.slice_spacing_mm = float(slice_spacing_mm)
         self._cache = VolumeCache(cache_mb)
         self.skipped_volumes: List[Tuple[str, str]] = []  # (path, reason)
         samples, self.groups = [], []
@@ -162,14 +188,16 @@ class VolumeSliceDataset(ImageFileDataset):
     def _index_volume(self, path: str) -> Optional[List[Tuple[int, int]]]:
         """(volume index, slice) pairs kept for one file; None (counted and named) when it cannot be read."""
         try:
-            volumes = read_nifti(path, self.volume_index)
+            volumes, spacing = read_nifti_with_spacing(path, self.volume_index)
         except Exception as exc:  # a truncated or foreign file must not end a long indexing run
             self.skipped_volumes.append((path, f"{type(exc).__name__}: {exc}"))
             return None
         kept = []
         for t, volume in enumerate(volumes):
             fraction = foreground_mask(volume).mean(axis=tuple(a for a in range(3) if a != self.axis))
-            kept += [(t, int(k)) for k in np.flatnonzero(fraction >= self.min_foreground)]
+            slices = np.flatnonzero(fraction >= self.min_foreground)
+            slices = slices[spaced_indices(slices * spacing[self.axis], self.slice_spacing_mm)]
+            kept += [(t, int(k)) for k in slices]
             self._cache.put((path, t), normalise_volume(volume, self.percentiles))  # read once, not again on access
         return kept
 
@@ -213,5 +241,6 @@ def volume_dataset(root: os.PathLike | str, cfg_data=None, transform=None, progr
     options = {}
     if cfg_data is not None:
         options = dict(axis=str(cfg_data.volume_axis), min_foreground=float(cfg_data.volume_min_foreground),
-                       two_and_a_half_d=bool(cfg_data.volume_25d), volume_index=int(cfg_data.volume_index))
+                       two_and_a_half_d=bool(cfg_data.volume_25d), volume_index=int(cfg_data.volume_index),
+                       slice_spacing_mm=float(cfg_data.slice_spacing_mm))
     return VolumeSliceDataset(files, classes, str(root), labels, transform=transform, progress=progress, **options)

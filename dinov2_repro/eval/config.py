@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple
 
 from ..config.loader import ConfigError, source_of, load_structured
+from ..config.schema import DICOM_WINDOWS, VOLUME_AXES
 
 MODES = ("linear", "knn", "finetune")
 # The linear-probe learning-rate grid of the DINOv2 reference (before scaling by batch / 256).
@@ -39,6 +40,13 @@ class EvalDataConfig:
     dedup_max_distance: int = 8  # Hamming distance between 256-bit difference hashes (see eval/dedup.py)
     group_regex: str = ""  # a patient id in each path (its first group, else the match): splits keep it together
     allow_group_overlap: bool = False  # a group in both training and test is an error unless this is true
+    # volumes (NIfTI, DICOM), read as in pretraining: see the pretraining config's data section
+    volume_axis: str = "axial"
+    volume_min_foreground: float = 0.05
+    volume_25d: bool = False
+    volume_index: int = 0
+    dicom_window: str = "percentile"
+    slice_spacing_mm: float = 0.0  # keep slices at least this many mm apart along the slicing axis; 0 = all
 
 
 @dataclass
@@ -146,6 +154,10 @@ def validate_eval_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
           "must be auto, cpu, cuda or cuda:N")
     for key in ("data.val_fraction", "data.test_fraction"):
         check(key, 0.0 < value(key) < 1.0, "must lie in (0, 1)")
+    check("data.volume_axis", value("data.volume_axis") in VOLUME_AXES, f"must be one of {list(VOLUME_AXES)}")
+    check("data.dicom_window", value("data.dicom_window") in DICOM_WINDOWS, f"must be one of {list(DICOM_WINDOWS)}")
+    check("data.volume_min_foreground", 0.0 <= value("data.volume_min_foreground") <= 1.0, "must lie in [0, 1]")
+    check("data.slice_spacing_mm", value("data.slice_spacing_mm") >= 0, "must be >= 0")
     check("data.val_split", not value("data.val_split") or value("data.val_split") != value("data.test_split"),
           "the validation split must differ from the test split (selection never looks at the test split)")
     for key in ("data.crop_size", "data.resize_size", "data.num_workers", "data.dedup_max_distance",

@@ -59,7 +59,7 @@ def _dataset(samples: Sequence[Tuple[str, int]], classes: Sequence[str], root: s
     return ImageFileDataset(list(samples), list(classes), root)
 
 
-def _open_folder(folder: Path) -> Tuple[object, Sources]:
+def _open_folder(folder: Path, cfg) -> Tuple[object, Sources]:
     """A split (or class) folder of images, NIfTI volumes or DICOM series, and for volumes where each slice comes
     from (slices are decoded by their volume's dataset, and grouped by volume or patient)."""
     from ..data.datasets import ClassFolderDataset
@@ -68,7 +68,7 @@ def _open_folder(folder: Path) -> Tuple[object, Sources]:
     kind = volume_files_kind(folder)
     if kind is None:
         return ClassFolderDataset(folder), {}
-    dataset = build_image_dataset(str(folder), kind, labelled=True)
+    dataset = build_image_dataset(str(folder), kind, data_cfg=cfg, labelled=True)
     if not dataset.classes:
         raise ValueError(f"{folder}: the volumes need class folders for evaluation ({folder}/<class>/...)")
     return dataset, {path: (dataset, i, dataset.groups[i]) for i, (path, _) in enumerate(dataset.samples)}
@@ -132,7 +132,7 @@ def _folder_splits(root: Path, cfg):
         if cfg.test_split or cfg.val_split:
             raise FileNotFoundError(f"{root}: data.test_split/val_split given but there is no training split folder "
                                     f"(one of {TRAIN_NAMES}, or set data.train_split)")
-        dataset, sources = _open_folder(root)
+        dataset, sources = _open_folder(root, cfg)
         return {"all": dataset.samples}, dataset.classes, {"all": str(root)}, sources
     found = {"train": train_name}
     test_name = _find_split(root, cfg.test_split, TEST_NAMES)
@@ -143,7 +143,7 @@ def _folder_splits(root: Path, cfg):
         found["val"] = val_name
     per_split, sources = {}, {}
     for split, name in found.items():
-        dataset, split_sources = _open_folder(root / name)
+        dataset, split_sources = _open_folder(root / name, cfg)
         per_split[split] = (dataset.samples, dataset.classes)
         sources.update(split_sources)
     samples, classes = _relabel(per_split, str(root))
