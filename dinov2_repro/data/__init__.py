@@ -24,6 +24,7 @@ _EXPORTS = {
     "build_image_dataset": "loaders", "build_ssl_dataset": "loaders", "build_ssl_data_loader": "loaders",
     "build_mask_generator": "loaders", "sample_seed": "loaders",
     "compute_mean_std": "stats",
+    "ConcatImageDataset": "sources", "manifest_dataset": "sources", "mixed_folder_dataset": "sources",
 }
 
 __all__ = sorted(_EXPORTS)

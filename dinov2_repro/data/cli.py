@@ -51,14 +51,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _open_any(path: str, split: Optional[str]):
     """Labeled layouts (CSV, class folder, Kaggle + split) or, failing that, every image below the folder."""
-    from .datasets import (CsvDataset, UnlabeledFolderDataset, looks_like_class_folder, looks_like_kaggle,
-                           resolve_split_dir)
-
+    from .datasets import UnlabeledFolderDataset, looks_like_class_folder, looks_like_kaggle, resolve_split_dir
     from .loaders import build_image_dataset, volume_files_kind
+    from .sources import manifest_dataset
 
     p = Path(path)
     if p.suffix.lower() == ".csv":
-        return CsvDataset(p, split=split)
+        return manifest_dataset(p, split=split)
     if p.is_dir() and volume_files_kind(resolve_split_dir(p, split)):
         folder = resolve_split_dir(p, split)
         return build_image_dataset(str(folder), volume_files_kind(folder))

@@ -89,7 +89,7 @@ def _visible_dirs(folder: Path) -> List[Path]:
                   key=lambda p: p.name)
 
 
-def _image_files_under(folder: Path, extensions=IMG_EXTENSIONS) -> List[str]:
+def image_files_under(folder: Path, extensions=IMG_EXTENSIONS) -> List[str]:
     """All image files below ``folder`` (recursive, following links, hidden entries skipped), in ImageFolder's
     order: folders sorted by path, files sorted by name within each folder."""
     per_folder = []
@@ -142,13 +142,13 @@ class ClassFolderDataset(ImageFileDataset):
         folder = resolve_split_dir(root, split)
         class_dirs = _visible_dirs(folder)
         if not class_dirs:
-            loose = _image_files_under(folder, extensions)
+            loose = image_files_under(folder, extensions)
             hint = " (it holds images directly: use an unlabeled folder dataset)" if loose else ""
             raise FileNotFoundError(f"no class folders in {folder}{hint}")
         classes = [d.name for d in class_dirs]
         samples = []
         for label, class_dir in enumerate(class_dirs):
-            files = _image_files_under(class_dir, extensions)
+            files = image_files_under(class_dir, extensions)
             if not files:
                 raise FileNotFoundError(
                     f"class folder {class_dir} holds no images with extensions {list(extensions)}")
@@ -164,7 +164,7 @@ class UnlabeledFolderDataset(ImageFileDataset):
                  image_format: str = "tensor", rescale_16bit: str = "minmax"):
         folder = Path(root)
         _require_dir(folder, "image folder")
-        files = _image_files_under(folder, extensions)
+        files = image_files_under(folder, extensions)
         if not files:
             raise FileNotFoundError(f"no images with extensions {list(extensions)} found under {folder}")
         super().__init__([(f, UNLABELED) for f in files], [], str(folder), transform, image_format, rescale_16bit)
@@ -172,7 +172,8 @@ class UnlabeledFolderDataset(ImageFileDataset):
 
 class CsvDataset(ImageFileDataset):
     """A CSV manifest with a ``path`` column (relative to the CSV's folder, or absolute), optional ``label``
-    (class names or integers; empty = unlabeled) and optional ``split`` (rows kept when it equals ``split``).
+    (class names or integers; empty = unlabeled), optional ``split`` (rows kept when it equals ``split``) and
+    optional ``group`` (the patient). Rows naming volumes are read by `data.sources.manifest_dataset`.
 
     Class names are sorted to indices like a class folder; integer labels are used as they are (classes
     ``"0".."max"``). Missing files, an unknown split, a missing column or mixed label kinds raise naming the
@@ -216,6 +217,10 @@ class CsvDataset(ImageFileDataset):
         super().__init__(list(zip(paths, labels)), classes, str(base), transform, image_format, rescale_16bit)
         self.split = split or ""
         self.csv_path = str(csv_path)
+        self.columns, self.rows = columns, rows  # the rows kept (after the split filter), in order
+        self.row_of = list(range(len(rows)))  # the row of each sample: one each here, several for a volume's slices
+        # a non-empty 'group' cell names the sample's patient (splits keep it on one side); else the file is its own
+        self.groups = [r.get("group") or p for r, p in zip(rows, paths)] if "group" in columns else None
 
     @staticmethod
     def _parse_labels(csv_path: Path, raw: List[str], has_column: bool):

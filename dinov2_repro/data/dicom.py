@@ -244,18 +244,29 @@ def dicom_dataset(root: os.PathLike | str, cfg_data=None, transform=None, labell
     files = dicom_files_under(root)
     if not files:
         raise FileNotFoundError(f"no DICOM files (.dcm, or files starting with the DICM preamble) under {root}")
-    series, patient, failed = group_series(files)
-    relative = {uid: Path(paths[0]).relative_to(root).parts for uid, paths in series.items()}
+    relative = {path: Path(path).relative_to(root).parts for path in files}
     labelled = labelled and all(len(parts) > 1 for parts in relative.values())  # root/<class>/[<series>/]<file>
     classes = sorted({parts[0] for parts in relative.values()}) if labelled else []
-    labels = {uid: classes.index(parts[0]) for uid, parts in relative.items()} if labelled else None
-    options = {}
-    if cfg_data is not None:
-        options = dict(window_mode=str(cfg_data.dicom_window), min_foreground=float(cfg_data.volume_min_foreground),
-                       slice_spacing_mm=float(cfg_data.slice_spacing_mm))
-    dataset = DicomSliceDataset(series, patient, classes, str(root), labels, transform=transform, **options)
+    label_of = {path: classes.index(parts[0]) for path, parts in relative.items()} if labelled else {}
+    return dicom_files_dataset(files, classes, str(root), label_of, cfg_data, transform)
+
+
+def dicom_files_dataset(files: Sequence[str], classes: Sequence[str], root: str, label_of: Dict[str, int],
+                        cfg_data=None, transform=None) -> DicomSliceDataset:
+    """The series of ``files``, each labelled by its first file's ``label_of`` entry (unlabeled when absent)."""
+    series, patient, failed = group_series(files)
+    labels = {uid: label_of[paths[0]] for uid, paths in series.items() if paths[0] in label_of}
+    dataset = DicomSliceDataset(series, patient, classes, root, labels, transform=transform, **dicom_options(cfg_data))
     dataset.skipped_files = failed + dataset.skipped_files
     if dataset.skipped_files:
         shown = "; ".join(f"{p} ({why})" for p, why in dataset.skipped_files[:3])
         warnings.warn(f"skipped {len(dataset.skipped_files)} unreadable DICOM file(s): {shown}", RuntimeWarning)
     return dataset
+
+
+def dicom_options(cfg_data) -> Dict[str, object]:
+    """`DicomSliceDataset` keyword arguments from a config's data section (the defaults without one)."""
+    if cfg_data is None:
+        return {}
+    return dict(window_mode=str(cfg_data.dicom_window), min_foreground=float(cfg_data.volume_min_foreground),
+                slice_spacing_mm=float(cfg_data.slice_spacing_mm))

@@ -10,6 +10,10 @@ from typing import Any, Dict, List
 
 import numpy as np
 
+from .sources import kind_counts
+
+KIND_LABELS = {"image": "2D images", "nifti": "NIfTI slices", "dicom": "DICOM slices"}
+
 
 def inspect_dataset(dataset, progress: bool = True) -> Dict[str, Any]:
     """Decode every sample once; returns counts, the unreadable samples with their reasons, and a text summary."""
@@ -28,16 +32,21 @@ def inspect_dataset(dataset, progress: bool = True) -> Dict[str, Any]:
     skipped = list(getattr(dataset, "skipped_volumes", [])) + list(getattr(dataset, "skipped_files", []))
     per_class = Counter(dataset.classes[y] if y >= 0 else "(unlabeled)" for _, y in dataset.samples)
     groups = getattr(dataset, "groups", None)
-    lines = [f"{type(dataset).__name__} at {dataset.root}: {len(dataset)} images"
-             + (f" (slices) from {len(set(groups))} volume(s) or patient(s)" if groups else ""),
+    kinds = kind_counts(dataset)
+    grouped = ""
+    if groups:
+        grouped = (f" (slices) from {len(set(groups))} volume(s) or patient(s)" if "image" not in kinds
+                   else f" in {len(set(groups))} group(s) (patients or volumes; an image with none is its own)")
+    lines = [f"{type(dataset).__name__} at {dataset.root}: {len(dataset)} images{grouped}",
+             "kinds: " + ", ".join(f"{label} {kinds[k]}" for k, label in KIND_LABELS.items() if k in kinds),
              "per class: " + ", ".join(f"{c} {n}" for c, n in sorted(per_class.items()))]
     if skipped:
         lines.append(f"skipped while indexing ({len(skipped)}):")
         lines += [f"  {path}: {why}" for path, why in skipped]
     lines.append(f"unreadable on decoding: {len(unreadable)}")
     lines += [f"  {reason}" for reason in reasons[:len(unreadable)]]
-    return dict(n_images=len(dataset), per_class=dict(per_class), n_groups=len(set(groups)) if groups else None,
-                skipped=skipped, unreadable=unreadable, text="\n".join(lines))
+    return dict(n_images=len(dataset), kinds=kinds, per_class=dict(per_class),
+                n_groups=len(set(groups)) if groups else None, skipped=skipped, unreadable=unreadable, text="\n".join(lines))
 
 
 def contact_sheet(dataset, path: os.PathLike, per_class: int = 8) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from .augmentations import build_multicrop_augmentation
 from .collate import SSLCollate
-from .datasets import (ClassFolderDataset, CsvDataset, ImageFileDataset, UnlabeledFolderDataset,
+from .datasets import (ClassFolderDataset, ImageFileDataset, UnlabeledFolderDataset,
                        looks_like_class_folder, looks_like_kaggle, resolve_split_dir)
 from .masking import MaskingGenerator
 from .samplers import InfiniteShardedSampler
@@ -122,8 +122,8 @@ def make_data_loader(dataset, batch_size: int, sampler, collate_fn: Optional[Cal
 
 
 def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
-    """The concrete kind for ``data.kind`` ("auto" inspects the path): csv | kaggle | class_folder | folder |
-    synthetic."""
+    """The concrete kind for ``data.kind`` ("auto" inspects the path): csv | kaggle | nifti | dicom | mixed |
+    class_folder | folder | synthetic."""
     if kind != "auto":
         return kind
     p = Path(path)
@@ -143,24 +143,14 @@ def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
 
 
 def volume_files_kind(path: Path) -> Optional[str]:
-    """"nifti" or "dicom" for a file of that kind, or a folder that holds such files and no 2D image; else None."""
-    from .decode import is_image_file
-    from .dicom import is_dicom
-    from .volumes import is_nifti
+    """"nifti" or "dicom" for a file of that kind or a folder of such files alone, "mixed" for a folder that holds
+    several kinds (2D images next to volumes, or NIfTI next to DICOM); None for images alone or nothing known."""
+    from .sources import folder_kinds
 
-    if path.is_file():
-        return "nifti" if is_nifti(path) else "dicom" if is_dicom(path) else None
-    found = None
-    for dirpath, dirnames, filenames in os.walk(path):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if is_nifti(name):
-                found = found or "nifti"
-            elif is_image_file(name):
-                return None
-            elif is_dicom(os.path.join(dirpath, name)):
-                found = found or "dicom"
-    return found
+    kinds = folder_kinds(path)
+    if kinds in (["nifti"], ["dicom"]):
+        return kinds[0]
+    return "mixed" if len(kinds) > 1 else None
 
 
 def build_image_dataset(path: str, kind: str = "auto", split: str = "", synthetic_n_per_class: int = 64,
@@ -181,7 +171,9 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
         generate_dataset(path, n_per_class=synthetic_n_per_class, n_test_per_class=synthetic_n_test_per_class)
         kind, split = "kaggle", split or "Training"
     if kind == "csv":
-        return CsvDataset(path, split=split or None, transform=transform)
+        from .sources import manifest_dataset
+
+        return manifest_dataset(path, split=split or None, cfg_data=data_cfg, transform=transform)
     if kind == "kaggle":
         if not split:
             warnings.warn(f"data.split is empty for the Kaggle layout at {path}: using 'Training'", stacklevel=2)
@@ -200,8 +192,13 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
         from .dicom import dicom_dataset
 
         return dicom_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform, labelled=labelled)
+    if kind == "mixed":
+        from .sources import mixed_folder_dataset
+
+        return mixed_folder_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform,
+                                    labelled=labelled)
     raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic, nifti, "
-                     f"dicom")
+                     f"dicom, mixed")
 
 
 def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:

@@ -238,9 +238,14 @@ def volume_dataset(root: os.PathLike | str, cfg_data=None, transform=None, progr
     classes = top if labelled else []
     labels = {f: classes.index(Path(f).relative_to(root).parts[0]) for f in files} if labelled else None
     progress = len(files) > 50 if progress is None else progress  # indexing reads every volume once
-    options = {}
-    if cfg_data is not None:
-        options = dict(axis=str(cfg_data.volume_axis), min_foreground=float(cfg_data.volume_min_foreground),
-                       two_and_a_half_d=bool(cfg_data.volume_25d), volume_index=int(cfg_data.volume_index),
-                       slice_spacing_mm=float(cfg_data.slice_spacing_mm))
-    return VolumeSliceDataset(files, classes, str(root), labels, transform=transform, progress=progress, **options)
+    return VolumeSliceDataset(files, classes, str(root), labels, transform=transform, progress=progress,
+                              **volume_options(cfg_data))
+
+
+def volume_options(cfg_data) -> Dict[str, object]:
+    """`VolumeSliceDataset` keyword arguments from a config's data section (the defaults without one)."""
+    if cfg_data is None:
+        return {}
+    return dict(axis=str(cfg_data.volume_axis), min_foreground=float(cfg_data.volume_min_foreground),
+                two_and_a_half_d=bool(cfg_data.volume_25d), volume_index=int(cfg_data.volume_index),
+                slice_spacing_mm=float(cfg_data.slice_spacing_mm))

@@ -1,7 +1,8 @@
 """Train / val / test splits of a labelled dataset for evaluation.
 
 Layouts: the Kaggle one (``Training/<class>``, ``Testing/<class>``; also ``train``/``test``/``val`` folders), a
-single class folder (``<class>/*``), or a CSV manifest (``path,label[,split]``). Rules:
+single class folder (``<class>/*``), or a CSV manifest (``path,label[,split][,group]``); folders and CSV rows may
+hold 2D images, NIfTI volumes and DICOM series (a volume's slices share its group). Rules:
 
 - the validation split is always held out of the training split (stratified, seeded, 10% by default) unless a
   separate validation split exists; every selection (learning rate, head, k, early stopping) uses it;
@@ -13,7 +14,6 @@ Class indices are shared by all splits (union of class names, sorted), so a spli
 
 from __future__ import annotations
 
-import csv
 import os
 import re
 from dataclasses import dataclass, field
@@ -37,6 +37,7 @@ class EvalSplits:
     classes: List[str]
     notes: List[str] = field(default_factory=list)
     source: Dict[str, str] = field(default_factory=dict)  # split -> where it came from
+    groups: Optional[Dict[str, str]] = None  # sample path -> its group (patient, volume); None without groups
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         """Images per class in each split."""
@@ -46,8 +47,16 @@ class EvalSplits:
             out[name] = {c: labels.count(i) for i, c in enumerate(self.classes)}
         return out
 
+    def split_groups(self) -> Optional[Dict[str, List[str]]]:
+        """The sorted group names of each split (None without groups)."""
+        if self.groups is None:
+            return None
+        return {name: sorted({self.groups[p] for p, _ in getattr(self, name).samples})
+                for name in ("train", "val", "test")}
+
     def describe(self) -> Dict[str, object]:
-        return dict(classes=self.classes, counts=self.counts(), notes=self.notes, source=self.source)
+        return dict(classes=self.classes, counts=self.counts(), notes=self.notes, source=self.source,
+                    groups=self.split_groups())
 
 
 Sources = Dict[str, Tuple[object, int, str]]  # sample path -> (dataset that decodes it, its index there, its group)
@@ -151,19 +160,22 @@ def _folder_splits(root: Path, cfg):
 
 
 def _csv_splits(csv_path: Path, cfg):
+    """(samples per split, classes, where each split came from, the `Sources` of volume slices, the CSV's groups)."""
     from ..data.datasets import CsvDataset
+    from ..data.sources import manifest_dataset
 
-    dataset = CsvDataset(csv_path)  # every row, labels from the whole file: indices shared by all splits
-    with open(csv_path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
+    dataset = manifest_dataset(csv_path, cfg_data=cfg)  # every row, labels from the whole file: shared by all splits
+    rows = [dataset.rows[r] for r in dataset.row_of]  # the CSV row of each sample (a volume's slices share one)
     if not dataset.classes:
         raise ValueError(f"{csv_path}: no labels (column 'label' missing or empty); evaluation needs labels")
-    if "split" not in rows[0]:
+    sources = {} if isinstance(dataset, CsvDataset) else {
+        path: (dataset, i, dataset.groups[i]) for i, (path, _) in enumerate(dataset.samples)}
+    explicit = {path: row["group"] for (path, _), row in zip(dataset.samples, rows) if row.get("group")}
+    if "split" not in dataset.columns:
         if cfg.train_split or cfg.test_split or cfg.val_split:
             raise ValueError(f"{csv_path}: data.*_split given but the CSV has no 'split' column")
-        return {"all": dataset.samples}, dataset.classes, {"all": str(csv_path)}
-    values = {r["split"] for r in rows}
+        return {"all": dataset.samples}, dataset.classes, {"all": str(csv_path)}, sources, explicit
+    values = {r["split"] for r in dataset.rows}
     lower = {v.lower(): v for v in values}
 
     def pick(wanted: str, names: Sequence[str]) -> Optional[str]:
@@ -178,8 +190,7 @@ def _csv_splits(csv_path: Path, cfg):
     if found["train"] is None:
         raise ValueError(f"{csv_path}: no training split in column 'split' (values: {sorted(values)}); "
                          f"set data.train_split")
-    used = {v for v in found.values() if v}
-    unused = sorted(values - used)
+    unused = sorted(values - {v for v in found.values() if v})
     samples = {split: [s for s, r in zip(dataset.samples, rows) if r["split"] == name]
                for split, name in found.items() if name}
     check_same_classes({split: {dataset.classes[y] for _, y in rows_} for split, rows_ in samples.items()},
@@ -187,70 +198,70 @@ def _csv_splits(csv_path: Path, cfg):
     source = {split: f"{csv_path} (split={name})" for split, name in found.items() if name}
     if unused:
         source["ignored_split_values"] = ", ".join(unused)
-    return samples, dataset.classes, source
+    return samples, dataset.classes, source, sources, explicit
 
 
-def sample_groups(samples: Sequence[Tuple[str, int]], group_regex: str = "",
-                  known: Optional[Dict[str, str]] = None) -> Optional[List[str]]:
-    """Each sample's group (patient): the first group (else the match) of ``group_regex`` in its path, else the
-    volume's or DICOM patient's (``known``); None when neither applies. A path the regex misses is an error."""
-    if group_regex:
-        pattern = re.compile(group_regex)
-        groups = []
-        for path, _ in samples:
+def resolve_groups(paths: Sequence[str], group_regex: str = "", known: Optional[Dict[str, str]] = None,
+                   explicit: Optional[Dict[str, str]] = None) -> Optional[Dict[str, str]]:
+    """Each path's group (patient): the CSV's ``group`` cell (``explicit``) wins, then the first group (else the
+    match) of ``group_regex``, then the volume's or DICOM patient's (``known``); a path with none is its own group.
+    None when no path has a group. A path the regex misses is an error."""
+    explicit, known = explicit or {}, known or {}
+    pattern = re.compile(group_regex) if group_regex else None
+    if not (explicit or known or pattern):
+        return None
+    groups = {}
+    for path in paths:
+        if path in explicit:
+            groups[path] = explicit[path]
+        elif pattern is not None:
             match = pattern.search(path)
             if match is None:
                 raise ValueError(f"data.group_regex {group_regex!r} finds no group in {path}")
-            groups.append(match.group(1) if pattern.groups else match.group(0))
-        return groups
-    if known and all(path in known for path, _ in samples):
-        return [known[path] for path, _ in samples]
-    return None
+            groups[path] = match.group(1) if pattern.groups else match.group(0)
+        else:
+            groups[path] = known.get(path, path)
+    return groups
 
 
 def _hold_out(samples: List[Tuple[str, int]], fraction: float, cfg,
-              known: Optional[Dict[str, str]] = None) -> Tuple[List, List, str]:
+              groups: Optional[Dict[str, str]] = None) -> Tuple[List, List, str]:
     """(kept, held out, how): stratified per class, whole groups at a time when the samples have groups."""
     from ..data.datasets import stratified_group_split, stratified_split
 
     labels = [y for _, y in samples]
-    groups = sample_groups(samples, cfg.group_regex, known)
     if groups is None:
         kept, held = stratified_split(labels, fraction, seed=cfg.split_seed)
         how = f"stratified, seed {cfg.split_seed}"
     else:
-        kept, held = stratified_group_split(labels, groups, fraction, seed=cfg.split_seed)
+        kept, held = stratified_group_split(labels, [groups[p] for p, _ in samples], fraction, seed=cfg.split_seed)
         how = f"stratified by whole groups, seed {cfg.split_seed}"
     return [samples[i] for i in kept], [samples[i] for i in held], how
 
 
 def check_group_leakage(samples: Dict[str, List[Tuple[str, int]]], cfg, where: str,
-                        known: Optional[Dict[str, str]] = None) -> Optional[str]:
+                        groups: Optional[Dict[str, str]] = None) -> Optional[str]:
     """An error when a group (patient) is in the test split and in training or validation, unless
     ``data.allow_group_overlap``; returns a note with the groups per split (None without groups)."""
-    groups = {split: set(sample_groups(s, cfg.group_regex, known) or []) for split, s in samples.items()}
-    if not any(groups.values()):
+    if groups is None:
         return None
-    shared = sorted((groups["train"] | groups["val"]) & groups["test"])
+    per_split = {split: {groups[p] for p, _ in s} for split, s in samples.items()}
+    shared = sorted((per_split["train"] | per_split["val"]) & per_split["test"])
     if shared and not cfg.allow_group_overlap:
         raise ValueError(f"{where}: {len(shared)} group(s) are in the test split and in training or validation, "
                          f"e.g. {shared[:3]}: their images would leak; keep each patient in one split, or set "
                          f"data.allow_group_overlap=true to accept it")
-    counts = ", ".join(f"{split} {len(groups[split])}" for split in ("train", "val", "test"))
+    counts = ", ".join(f"{split} {len(per_split[split])}" for split in ("train", "val", "test"))
     overlap = f"; {len(shared)} shared with the test split (allowed by data.allow_group_overlap)" if shared else ""
     return f"groups (patients or volumes) per split: {counts}{overlap}"
 
 
-def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
-    """Splits for ``data_path`` under the ``data`` section of the eval config (see module docstring)."""
-    root = Path(data_path)
-    if not root.exists():
-        raise FileNotFoundError(f"--data {root}: no such file or directory")
+def _read_samples(root: Path, cfg):
+    """(labelled samples per split or "all", classes, source, `Sources`, groups by path or None, notes)."""
     if root.suffix.lower() == ".csv":
-        (samples, classes, source), sources = _csv_splits(root, cfg), {}
+        samples, classes, source, sources, explicit = _csv_splits(root, cfg)
     else:
-        samples, classes, source, sources = _folder_splits(root, cfg)
-    known_groups = {path: group for path, (_, _, group) in sources.items()}
+        (samples, classes, source, sources), explicit = _folder_splits(root, cfg), {}
     notes: List[str] = []
     dropped = {split: sum(1 for _, y in s if y < 0) for split, s in samples.items()}
     if any(dropped.values()):
@@ -259,29 +270,39 @@ def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
     for split, split_samples in samples.items():
         if not split_samples:
             raise ValueError(f"--data {root}: split {split!r} ({source.get(split)}) has no labelled images")
-    root_str = str(root)
+    known = {path: group for path, (_, _, group) in sources.items()}
+    groups = resolve_groups([p for s in samples.values() for p, _ in s], cfg.group_regex, known, explicit)
+    return samples, classes, source, sources, groups, notes
+
+
+def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
+    """Splits for ``data_path`` under the ``data`` section of the eval config (see module docstring)."""
+    root = Path(data_path)
+    if not root.exists():
+        raise FileNotFoundError(f"--data {root}: no such file or directory")
+    samples, classes, source, sources, groups, notes = _read_samples(root, cfg)
     if "all" in samples:
-        samples["train"], samples["test"], how = _hold_out(samples.pop("all"), cfg.test_fraction, cfg, known_groups)
+        samples["train"], samples["test"], how = _hold_out(samples.pop("all"), cfg.test_fraction, cfg, groups)
         source = {"train": source["all"], "test": source["all"]}
         notes.append(f"No separate test split in {root}: held out {cfg.test_fraction:.0%} of each class "
                      f"({how}) as the test split. Nothing is selected on it.")
     if "test" not in samples:
-        samples["train"], samples["test"], how = _hold_out(samples["train"], cfg.test_fraction, cfg, known_groups)
+        samples["train"], samples["test"], how = _hold_out(samples["train"], cfg.test_fraction, cfg, groups)
         notes.append(f"No test split found next to the training split: held out {cfg.test_fraction:.0%} of the "
                      f"training split ({how}) as the test split.")
     if "val" not in samples:
-        samples["train"], samples["val"], how = _hold_out(samples["train"], cfg.val_fraction, cfg, known_groups)
+        samples["train"], samples["val"], how = _hold_out(samples["train"], cfg.val_fraction, cfg, groups)
         source["val"] = f"{cfg.val_fraction:.0%} of the training split held out per class ({how})"
-    group_note = check_group_leakage(samples, cfg, f"--data {root}", known_groups)
+    group_note = check_group_leakage(samples, cfg, f"--data {root}", groups)
     if group_note:
         notes.append(group_note)
     overlap = {p for p, _ in samples["train"]} & {p for p, _ in samples["test"]}
     if overlap:
         raise ValueError(f"--data {root}: {len(overlap)} files are in both the training and the test split, "
                          f"e.g. {sorted(overlap)[:3]}")
-    datasets = {name: _dataset(samples[name], classes, root_str, sources) for name in ("train", "val", "test")}
+    datasets = {name: _dataset(samples[name], classes, str(root), sources) for name in ("train", "val", "test")}
     return EvalSplits(train=datasets["train"], val=datasets["val"], test=datasets["test"], classes=classes,
-                      notes=notes, source=source)
+                      notes=notes, source=source, groups=groups)
 
 
 def label_fraction_indices(labels: Sequence[int], fraction: float, seed: int):
