@@ -5,6 +5,7 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 nib = pytest.importorskip("nibabel")
@@ -14,6 +15,7 @@ from pydicom.uid import generate_uid  # noqa: E402
 from test_data_dicom import disc, write_slice  # noqa: E402
 from test_data_volumes import NZ, pattern, save  # noqa: E402
 
+from dinov2_repro.data.datasets import DatasetSubset  # noqa: E402
 from dinov2_repro.data.sources import ConcatImageDataset, manifest_dataset  # noqa: E402
 from dinov2_repro.data.volumes import split_slice_path  # noqa: E402
 from dinov2_repro.eval.config import EvalDataConfig  # noqa: E402
@@ -56,6 +58,8 @@ def test_a_csv_row_naming_a_volume_expands_into_its_slices_with_the_rows_label_a
     for (path, label), row, group in zip(dataset.samples, dataset.row_of, dataset.groups):
         by_row.setdefault(row, set()).add((dataset.classes[label], group))
     assert all(dataset.load_image(i) is not None for i in range(len(dataset)))
+    last = DatasetSubset(dataset, [len(dataset) - 1, 0])  # a subset decodes through its dataset (volume slices)
+    assert torch.equal(last.load_image(1), dataset.load_image(0)) and last.samples[1] == dataset.samples[0]
     # the group cell wins; an empty one falls back to the volume file or the DICOM PatientID
     assert by_row == {0: {("glioma", "P1")}, 1: {("normal", str(tmp_path / "vols" / "b.nii"))},
                       2: {("normal", "P3")}, 3: {("glioma", "pY")}, 4: {("glioma", "P1")}}
@@ -110,6 +114,8 @@ def test_a_csv_of_nifti_volumes_trains_and_evaluates_and_keeps_each_group_on_one
     result = dinov2_repro.evaluate("knn", TINY_SPEC, manifest, output_dir=tmp_path / "knn",
                                    overrides=["progress=false", "data.num_workers=0", "data.dedup_test=false"])
     assert result["runs"][0]["test"]["n_samples"] == 2 * KEPT  # every test slice decoded and scored
+    report = (tmp_path / "knn" / "report.md").read_text()
+    assert "- test (2): `bright-patient3`, `dim-patient3`" in report
 
 
 def write_mixed_folder(root):

@@ -146,3 +146,63 @@ def test_stratified_group_split_by_hand():
     assert kept_groups & {"a", "b", "c"} and kept_groups & {"d", "e"}  # every class keeps a group for training
     again = stratified_group_split(labels, groups, 0.5, seed=0)
     assert [a.tolist() for a in again] == [kept.tolist(), held.tolist()]  # seeded
+
+
+def test_group_label_fractions_by_hand():
+    labels = [0] * 6 + [1] * 4
+    groups = ["a", "a", "b", "b", "c", "c", "d", "d", "e", "e"]
+    kept = label_fraction_indices(labels, 0.5, seed=0, groups=groups)
+    kept_groups = [groups[i] for i in kept]
+    # class 0 aims at 3 of 6: one group of 2 falls 1 short, a second overshoots by 1: the tie takes it (4);
+    # class 1 aims at 2 of 4: exactly one group
+    assert sum(labels[i] == 0 for i in kept) == 4 and sum(labels[i] == 1 for i in kept) == 2
+    assert all(kept_groups.count(g) == 2 for g in set(kept_groups))
+    assert label_fraction_indices(labels, 1.0, seed=0, groups=groups).tolist() == list(range(10))
+
+
+def test_group_label_fractions_never_split_a_group_and_honour_the_fraction_per_class():
+    rng = np.random.default_rng(1)
+    labels, groups = [], []
+    for c, n_groups in ((0, 30), (1, 20), (2, 12)):
+        for g in range(n_groups):
+            size = int(rng.integers(1, 7))
+            labels += [c] * size
+            groups += [f"c{c}g{g}"] * size
+    labels, groups = np.array(labels), np.array(groups)
+    for fraction in (0.1, 0.3, 0.5):
+        for seed in range(3):
+            kept = np.zeros(len(labels), bool)
+            kept[label_fraction_indices(labels.tolist(), fraction, seed, groups=groups.tolist())] = True
+            for g in set(groups):
+                assert len(set(kept[groups == g])) == 1, (fraction, seed, g)  # a group is all in or all out
+            for c in range(3):
+                n, target = (labels == c).sum(), max(1, round((labels == c).sum() * fraction))
+                # whole groups of at most 6 images: the count misses the target by at most half a group
+                assert abs(kept[labels == c].sum() - target) <= 3, (fraction, seed, c, kept[labels == c].sum(), n)
+    a = label_fraction_indices(labels.tolist(), 0.3, 5, groups=groups.tolist())
+    assert a.tolist() == label_fraction_indices(labels.tolist(), 0.3, 5, groups=groups.tolist()).tolist()  # seeded
+
+
+def test_label_fraction_runs_take_whole_patients_of_the_training_features():
+    import torch
+
+    from dinov2_repro.eval.features import FeatureSet
+    from dinov2_repro.eval.runner import fraction_of_train
+
+    paths = [f"scan{i}.png" for i in range(12)]
+    groups = {p: f"patient{i // 3}" for i, p in enumerate(paths)}  # 4 patients of 3 images, 2 per class
+    train = FeatureSet(cls=torch.randn(12, 1, 4), patch_mean=None, labels=torch.tensor([0] * 6 + [1] * 6),
+                       paths=paths)
+    half = fraction_of_train(train, 0.5, 0, groups)
+    assert len(half) == 6 and set(Counter(groups[p] for p in half.paths).values()) == {3}  # two whole patients
+    assert sorted(half.labels.tolist()) == [0, 0, 0, 1, 1, 1]
+    assert len(fraction_of_train(train, 0.5, 0, None)) == 6  # without groups: 3 images per class, any
+
+
+def test_the_report_lists_the_groups_of_each_split_by_name_and_counts_the_rest():
+    from dinov2_repro.eval.report import group_lines
+
+    lines = group_lines({"train": [f"p{i:02d}" for i in range(25)], "val": ["q1"], "test": ["r1", "r2"]})
+    assert "- train (25): `p00`, `p01`" in lines[2] and lines[2].endswith("`p19`, ... and 5 more")
+    assert "`p20`" not in lines[2] and lines[3] == "- val (1): `q1`" and lines[4] == "- test (2): `r1`, `r2`"
+    assert group_lines(None) == []

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import os
 import warnings
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -243,14 +244,18 @@ class CsvDataset(ImageFileDataset):
 
 
 class DatasetSubset(ImageFileDataset):
-    """A view of ``dataset`` restricted to ``indices`` that keeps ``.samples/.classes/.targets``."""
+    """A view of ``dataset`` restricted to ``indices`` that keeps ``.samples/.classes/.targets``; ``dataset``
+    decodes (a volume slice is not a file of its own)."""
 
     def __init__(self, dataset: ImageFileDataset, indices: Sequence[int], transform: Optional[Callable] = None):
         indices = [int(i) for i in indices]
         super().__init__([dataset.samples[i] for i in indices], dataset.classes, dataset.root,
                          transform if transform is not None else dataset.transform,
                          dataset.image_format, dataset.rescale_16bit)
-        self.indices = indices
+        self.indices, self.dataset = indices, dataset
+
+    def load_image(self, index: int):
+        return self.dataset.load_image(self.indices[index])
 
 
 def looks_like_kaggle(root: os.PathLike | str) -> bool:
@@ -339,6 +344,30 @@ def stratified_subset(labels: Sequence[int], fraction: float, seed: int = 0) -> 
     keep = [perm[:max(1, int(round(len(perm) * fraction)))]
             for _, perm in sorted(_per_class_permutations(labels, seed).items())]
     return np.sort(np.concatenate(keep)).astype(np.int64)
+
+
+def stratified_group_subset(labels: Sequence[int], groups: Sequence[str], fraction: float,
+                            seed: int = 0) -> np.ndarray:
+    """Keep about ``fraction`` of every class, whole groups at a time (label-efficiency runs on patients): in one
+    seeded order of the groups, each class takes its groups while that brings its count closer to its target
+    (``round(n * fraction)``, and at least one group). A group already taken for another class counts for this one
+    too. Returns sorted int64 indices."""
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must lie in (0, 1], got {fraction}")
+    labels, groups = np.asarray(labels), np.asarray([str(g) for g in groups])
+    order = {g: i for i, g in enumerate(np.random.default_rng(seed).permutation(sorted(set(groups))))}
+    kept: set = set()
+    for c in np.unique(labels):
+        sizes = Counter(groups[labels == c].tolist())
+        target = max(1, int(round(sum(sizes.values()) * fraction)))
+        count = sum(n for g, n in sizes.items() if g in kept)
+        for g in sorted(sizes, key=order.get):
+            if count >= target or (count and abs(count + sizes[g] - target) > target - count):
+                break  # the next group would overshoot more than stopping here falls short
+            if g not in kept:
+                kept.add(g)
+                count += sizes[g]
+    return np.flatnonzero(np.isin(groups, list(kept))).astype(np.int64)
 
 
 def loader_workers(requested: int, n_images: int, batch_size: int) -> int:

@@ -212,6 +212,18 @@ def _selection_lines(mode: str, run: Dict[str, Any]) -> List[str]:
             f"checkpoint: `{sel.get('checkpoint') or 'not saved'}`."]
 
 
+def group_lines(groups: Optional[Dict[str, List[str]]], most: int = 20) -> List[str]:
+    """The groups (patients or volumes) of each split by name, the first ``most`` and a count of the rest."""
+    if not groups:
+        return []
+    lines = ["Groups (patients or volumes) per split, all of them in `metrics.json`:", ""]
+    for split in ("train", "val", "test"):
+        names = list(groups.get(split, []))
+        more = f", ... and {len(names) - most} more" if len(names) > most else ""
+        lines.append(f"- {split} ({len(names)}): " + ", ".join(f"`{n}`" for n in names[:most]) + more)
+    return lines + [""]
+
+
 def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
     mode = result["mode"]
     info = result["backbone"]
@@ -232,7 +244,8 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
         counts = data["counts"][split]
         lines.append(f"| {split} | " + " | ".join(str(counts[c]) for c in data["classes"]) +
                      f" | {sum(counts.values())} | {data['source'].get(split, '')} |")
-    lines += ["", "Every choice (learning rate, feature set, k, epoch) is made on the validation split; the test "
+    lines += [""] + group_lines(data.get("groups"))
+    lines += ["Every choice (learning rate, feature set, k, epoch) is made on the validation split; the test "
               "split is only scored once, with the chosen model.", ""]
     lines += ["## Test results", "",
               "| train labels | n train | seeds | " + " | ".join(t for _, t in SUMMARY_METRICS) + " |",

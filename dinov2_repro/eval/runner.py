@@ -73,14 +73,22 @@ def _write_predictions(path: Path, runs: List[Dict[str, Any]], predictions: List
     write_text(path, buffer.getvalue())
 
 
-def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
-               device: Any = "cpu", duplicate_paths: Optional[set] = None, progress: bool = False) -> Dict[str, Any]:
-    """One linear-probe run: train every head on a subset of train, select on val, score the selected on test."""
-    from .linear import train_linear_probe
+def fraction_of_train(train: FeatureSet, fraction: float, seed: int,
+                      groups: Optional[Dict[str, str]] = None) -> FeatureSet:
+    """The training features of one label fraction; with ``groups`` (path -> patient) whole patients at a time."""
     from .splits import label_fraction_indices
 
-    subset = label_fraction_indices(features["train"].labels.tolist(), fraction, seed)
-    train = features["train"].subset(subset)
+    names = [groups.get(p, p) for p in train.paths] if groups else None
+    return train.subset(label_fraction_indices(train.labels.tolist(), fraction, seed, names))
+
+
+def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
+               device: Any = "cpu", duplicate_paths: Optional[set] = None, progress: bool = False,
+               groups: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
+    """One linear-probe run: train every head on a subset of train, select on val, score the selected on test."""
+    from .linear import train_linear_probe
+
+    train = fraction_of_train(features["train"], fraction, seed, groups)
     probe = train_linear_probe(train, features["val"], len(classes), cfg.linear, seed=seed, device=device,
                                progress=progress)
     c, i = probe.best
@@ -103,13 +111,12 @@ def linear_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fra
 
 
 def knn_run(features: Dict[str, FeatureSet], classes: Sequence[str], cfg, fraction: float, seed: int, *,
-            device: Any = "cpu", duplicate_paths: Optional[set] = None, progress: bool = False) -> Dict[str, Any]:
+            device: Any = "cpu", duplicate_paths: Optional[set] = None, progress: bool = False,
+            groups: Optional[Dict[str, str]] = None) -> Dict[str, Any]:
     """One k-NN run: the training subset is the memory bank; k chosen on val; the chosen k scored on test."""
     from .knn import effective_ks, knn_probabilities, select_k
-    from .splits import label_fraction_indices
 
-    subset = label_fraction_indices(features["train"].labels.tolist(), fraction, seed)
-    train = features["train"].subset(subset)
+    train = fraction_of_train(features["train"], fraction, seed, groups)
     ks = effective_ks(cfg.knn.ks, len(train))
     bank = train.knn_input().to(device)
     common = dict(n_classes=len(classes), temperature=float(cfg.knn.temperature), chunk_size=int(cfg.knn.chunk_size),
@@ -157,14 +164,16 @@ def _main_run_index(runs: List[Dict[str, Any]], seeds: Sequence[int]) -> int:
 
 def evaluate_features(mode: str, features: Dict[str, FeatureSet], classes: Sequence[str], cfg, *,
                       device: Any = "cpu", duplicate_paths: Optional[set] = None,
-                      log: Callable[[str], None] = print) -> List[Dict[str, Any]]:
-    """Linear probe or k-NN on ready-made features (``{"train", "val", "test"}``) for every fraction x seed."""
+                      log: Callable[[str], None] = print,
+                      groups: Optional[Dict[str, str]] = None) -> List[Dict[str, Any]]:
+    """Linear probe or k-NN on ready-made features (``{"train", "val", "test"}``) for every fraction x seed;
+    ``groups`` (path -> patient) makes the label fractions take whole patients."""
     run = {"linear": linear_run, "knn": knn_run}[mode]
     runs = []
     for fraction in cfg.train_fractions:
         for seed in cfg.seeds:
             result = run(features, classes, cfg, float(fraction), int(seed), device=device,
-                         duplicate_paths=duplicate_paths, progress=bool(cfg.progress))
+                         duplicate_paths=duplicate_paths, progress=bool(cfg.progress), groups=groups)
             log(f"[{mode}] fraction {fraction:g} seed {seed}: n_train {result['n_train']}, selected "
                 f"{_selection_text(mode, result['selection'])}, val acc {result['selection']['val_accuracy']:.4f}, "
                 f"test acc {result['test']['accuracy']:.4f}")
@@ -272,7 +281,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
             is_dup, _ = near_duplicates(reference, features["test"].dhash, int(cfg.data.dedup_max_distance))
             duplicate_paths = {p for p, d in zip(features["test"].paths, is_dup.tolist()) if d}
         runs = evaluate_features(mode, features, splits.classes, cfg, device=device, duplicate_paths=duplicate_paths,
-                                 log=log)
+                                 log=log, groups=splits.groups)
         skipped = sorted({p for f in features.values() for p in f.skipped})
     else:
         duplicate_paths = None
@@ -328,17 +337,18 @@ def _headline(result: Dict[str, Any]) -> Dict[str, Any]:
 
 def _finetune_runs(model, info, splits, cfg, output_dir: Path, *, device, crop, resize, mean, std, duplicate_paths,
                    log) -> Tuple[List[Dict[str, Any]], List[str]]:
-    from ..data.datasets import ImageFileDataset
+    from ..data.datasets import DatasetSubset
     from .finetune import image_loader, predict, run_finetune
     from .splits import label_fraction_indices
 
     classes = splits.classes
     runs, skipped = [], set()
     train_labels = [y for _, y in splits.train.samples]
+    train_groups = [splits.groups[p] for p, _ in splits.train.samples] if splits.groups else None
     for fraction in cfg.train_fractions:
         for seed in cfg.seeds:
-            subset = label_fraction_indices(train_labels, float(fraction), int(seed))
-            train_set = ImageFileDataset([splits.train.samples[i] for i in subset], classes, splits.train.root)
+            subset = label_fraction_indices(train_labels, float(fraction), int(seed), train_groups)
+            train_set = DatasetSubset(splits.train, subset)  # decoded by the split's dataset (volume slices too)
             run_dir = output_dir / "runs" / f"fraction{float(fraction):g}_seed{seed}"
             out = run_finetune(model, info, train_set, splits.val, len(classes), cfg.finetune, crop_size=crop,
                                resize_size=resize, mean=mean, std=std, seed=int(seed), device=device,

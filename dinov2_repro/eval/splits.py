@@ -305,12 +305,16 @@ def build_eval_splits(data_path: os.PathLike | str, cfg) -> EvalSplits:
                       notes=notes, source=source, groups=groups)
 
 
-def label_fraction_indices(labels: Sequence[int], fraction: float, seed: int):
-    """Stratified, seeded subset of the training labels for label-efficiency runs (all of them at 1.0)."""
+def label_fraction_indices(labels: Sequence[int], fraction: float, seed: int,
+                           groups: Optional[Sequence[str]] = None):
+    """Stratified, seeded subset of the training labels for label-efficiency runs (all of them at 1.0); with
+    ``groups`` (each sample's patient or volume) whole groups are kept or left out."""
     import numpy as np
 
-    from ..data.datasets import stratified_subset
+    from ..data.datasets import stratified_group_subset, stratified_subset
 
     if fraction >= 1.0:
         return np.arange(len(labels), dtype=np.int64)
+    if groups is not None:
+        return stratified_group_subset(labels, groups, fraction, seed=seed)
     return stratified_subset(labels, fraction, seed=seed)
