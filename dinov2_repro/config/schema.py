@@ -135,7 +135,7 @@ class DataConfig:
     volume_25d: bool = False  # kind nifti: the slices below, at and above as the 3 channels
     volume_index: int = 0  # kind nifti, 4D files: which volume; -1 = each
     dicom_window: str = "percentile"  # kind dicom: percentile | file (WindowCenter/Width) | brain | bone | ...
-    slice_spacing_mm: float = 0.0  # nifti/dicom: keep slices at least this many mm apart along the slicing axis; 0 = all
+    slice_spacing_mm: float = 0.0  # nifti/dicom: kept slices at least this many mm apart along the axis; 0 = all
 
 
 @dataclass

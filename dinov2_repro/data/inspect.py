@@ -46,7 +46,8 @@ def inspect_dataset(dataset, progress: bool = True) -> Dict[str, Any]:
     lines.append(f"unreadable on decoding: {len(unreadable)}")
     lines += [f"  {reason}" for reason in reasons[:len(unreadable)]]
     return dict(n_images=len(dataset), kinds=kinds, per_class=dict(per_class),
-                n_groups=len(set(groups)) if groups else None, skipped=skipped, unreadable=unreadable, text="\n".join(lines))
+                n_groups=len(set(groups)) if groups else None, skipped=skipped, unreadable=unreadable,
+                text="\n".join(lines))
 
 
 def contact_sheet(dataset, path: os.PathLike, per_class: int = 8) -> None:
