@@ -263,6 +263,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             synchronize(device)
             t3 = time.perf_counter()
             records.append({"data_wait_s": t1 - t0, "augment_s": t2 - t1, "step_s": t3 - t2, "iter_s": t3 - t0})
+        del data_iter, loader  # stop the workers before the temporary images go (they would prefetch missing files)
         timed = records[args.warmup:]
         data_wait, aug_s, step_s, iter_s = (_mean([r[k] for r in timed]) for k in
                                             ("data_wait_s", "augment_s", "step_s", "iter_s"))

@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_suite.sh OUT_DIR [BUDGET_SECONDS]        # on a CUDA machine (default budget 480 s)
 #   GPU_SUITE_DRY_RUN=1 bash benchmarks/gpu_suite.sh /tmp/gs 900  # CPU dry run: tiny sizes, same code paths
 #
+# GPU_SUITE_ONLY="name name ..." runs only those sections (a rerun of what failed or was skipped).
 # DINOV2_SRC names a checkout of the published code (default .ref, holding dinov2/); nothing is downloaded.
 set -u
 OUT=${1:?usage: gpu_suite.sh OUT_DIR [BUDGET_SECONDS]}
@@ -29,6 +30,7 @@ pack() { tar -czf "$OUT/results.tar.gz" -C "$WORK" . 2>/dev/null; }
 section() {
     local name=$1 est=$2 limit=$3 used left rc t0
     shift 3
+    if [[ -n ${GPU_SUITE_ONLY:-} && " $GPU_SUITE_ONLY " != *" $name "* ]]; then return; fi
     used=$(( $(date +%s) - START )); left=$(( BUDGET - used ))
     if (( est > left )); then
         log "SKIP $name (about ${est}s needed, ${left}s of the budget left)"
@@ -88,7 +90,7 @@ section e2e_s_gpu 50 120 $PY benchmarks/end_to_end.py --arch vit_small --batch-s
 section step_s_compile 70 150 $PY benchmarks/train_step.py --arch vit_small --batch-size $S --variant compile "${DEV[@]}" "${STEP[@]}" --json-out $J/step_s_compile.json
 section step_l_compile 80 160 $PY benchmarks/train_step.py --arch $ARCH_L --batch-size $L --variant compile "${DEV[@]}" "${STEP[@]}" --json-out $J/step_l_compile.json
 if [[ $DRY != 1 ]]; then
-    section step_l_maxbatch 70 130 $PY benchmarks/train_step.py --arch vit_large --batch-size 64 --find-max-batch "${DEV[@]}" --iters 3 --warmup 1 --flop-counter none --json-out $J/step_l_maxbatch.json
+    PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True section step_l_maxbatch 70 130 $PY benchmarks/train_step.py --arch vit_large --batch-size 64 --find-max-batch "${DEV[@]}" --iters 3 --warmup 1 --flop-counter none --json-out $J/step_l_maxbatch.json
 fi
 section e2e_b_cpu 50 120 $PY benchmarks/end_to_end.py --arch $ARCH_B --batch-size $B "${DEV[@]}" --source photos --num-workers $WORKERS "${E2E[@]}" --json-out $J/e2e_b_cpu.json
 section step_l_compile_ac 80 160 $PY benchmarks/train_step.py --arch $ARCH_L --batch-size $(( 2 * L )) --variant compile --activation-checkpointing "${DEV[@]}" "${STEP[@]}" --json-out $J/step_l_compile_ac.json
