@@ -58,7 +58,37 @@ def write_jpeg_dataset(out_dir: Path, n_images: int, size: int, quality: int = 9
         Image.fromarray(pixels, mode="L").save(path, format="JPEG", quality=quality)
         total_bytes += path.stat().st_size
     return {"n_images": n_images, "size": size, "quality": quality, "seconds": time.perf_counter() - start,
-            "mean_file_bytes": total_bytes / max(1, n_images)}
+            "mean_file_bytes": total_bytes / max(1, n_images), "source": "phantoms (gray)"}
+
+
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+
+
+def write_photo_dataset(out_dir: Path, n_images: int, size: int, quality: int = 90, seed: int = 0) -> Dict[str, Any]:
+    """`n_images` colour JPEGs cut from the real photographs shipped in scikit-image (random square crops of
+    30-100% of the short side, flipped at random, resized to `size`): colour cost and real-image statistics,
+    which the gray phantoms lack."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    photos = [Image.fromarray(getattr(skimage.data, name)()[..., :3]) for name in PHOTOS]
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    total_bytes = 0
+    for i in range(n_images):
+        photo = photos[i % len(photos)]
+        side = int(min(photo.size) * rng.uniform(0.3, 1.0))
+        x, y = (int(rng.integers(0, d - side + 1)) for d in photo.size)
+        tile = photo.crop((x, y, x + side, y + side)).resize((size, size), Image.BICUBIC)
+        if rng.random() < 0.5:
+            tile = tile.transpose(Image.FLIP_LEFT_RIGHT)
+        path = out_dir / f"{PHOTOS[i % len(PHOTOS)]}_{i:05d}.jpg"
+        tile.save(path, format="JPEG", quality=quality)
+        total_bytes += path.stat().st_size
+    return {"n_images": n_images, "size": size, "quality": quality, "seconds": time.perf_counter() - start,
+            "mean_file_bytes": total_bytes / max(1, n_images), "source": "photos (colour)"}
 
 
 def build_config(args: argparse.Namespace, data_dir: Path):
@@ -144,6 +174,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--local-crops", type=int, default=8)
     p.add_argument("--global-size", type=int, default=224)
     p.add_argument("--local-size", type=int, default=0)
+    p.add_argument("--source", default="phantoms", choices=("phantoms", "photos"),
+                   help="JPEGs to write: gray brain-MRI phantoms, or colour crops of scikit-image's photographs")
     p.add_argument("--n-images", type=int, default=512, help="synthetic JPEGs to write")
     p.add_argument("--image-size", type=int, default=256, help="side of the synthetic JPEGs")
     p.add_argument("--jpeg-quality", type=int, default=90)
@@ -168,9 +200,10 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dinov2_e2e_") as tmp:
         data_dir = Path(args.data_dir) if args.data_dir else Path(tmp) / "images"
         if not args.data_dir:
-            written = write_jpeg_dataset(data_dir, args.n_images, args.image_size, args.jpeg_quality, args.seed)
+            writer = write_photo_dataset if args.source == "photos" else write_jpeg_dataset
+            written = writer(data_dir, args.n_images, args.image_size, args.jpeg_quality, args.seed)
             result["dataset"] = written
-            print(f"wrote {written['n_images']} synthetic {written['size']}px JPEGs (quality {written['quality']}, "
+            print(f"wrote {written['n_images']} {args.source} {written['size']}px JPEGs (quality {written['quality']}, "
                   f"{written['mean_file_bytes'] / 1024:.1f} KiB each) in {written['seconds']:.1f} s")
         cfg = build_config(args, data_dir)
         print(f"device: {result['environment']['device']} | torch {torch.__version__} | "
@@ -230,6 +263,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
             synchronize(device)
             t3 = time.perf_counter()
             records.append({"data_wait_s": t1 - t0, "augment_s": t2 - t1, "step_s": t3 - t2, "iter_s": t3 - t0})
+        del data_iter, loader  # stop the workers before the temporary images go (they would prefetch missing files)
         timed = records[args.warmup:]
         data_wait, aug_s, step_s, iter_s = (_mean([r[k] for r in timed]) for k in
                                             ("data_wait_s", "augment_s", "step_s", "iter_s"))

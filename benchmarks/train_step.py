@@ -225,11 +225,13 @@ def _release(device: torch.device) -> None:
 
 
 def fits(step: TrainStep, cfg, batch_size: int, device: torch.device) -> bool:
-    """One step at `batch_size` without running out of device memory."""
-    batch = None
+    """Two steps at `batch_size` with two batches resident, as in the timed loop, without running out of
+    device memory (one step alone can fit where the steady state does not: seen on an H200)."""
+    batches = None
     try:
-        batch = make_synthetic_batch(cfg, batch_size, device, seed=batch_size)
-        step(batch)
+        batches = [make_synthetic_batch(cfg, batch_size, device, seed=batch_size + i) for i in range(2)]
+        for batch in batches:
+            step(batch)
         synchronize(device)
         return True
     except Exception as exc:  # noqa: BLE001 - only OOM is expected, everything else is re-raised
@@ -237,7 +239,7 @@ def fits(step: TrainStep, cfg, batch_size: int, device: torch.device) -> bool:
             raise
         return False
     finally:
-        del batch
+        del batches
         step.optimizer.zero_grad(set_to_none=True)
         _release(device)
 
@@ -270,6 +272,27 @@ def find_max_batch(step: TrainStep, cfg, start: int, device: torch.device, limit
     return {"max_batch_size": good, "tried": tried, "limit_reached": bad is None}
 
 
+def profile_top(one_step, device: torch.device, n: int, steps: int = 2) -> List[Dict[str, Any]]:
+    """The `n` kernels (CUDA) or operators (CPU) with the most self time over `steps` steps, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            one_step()
+        synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, attr, 0) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    top = [{"name": e.key[:120], "ms_per_step": getattr(e, attr) / 1e3 / steps, "share": getattr(e, attr) / total,
+            "calls_per_step": e.count / steps} for e in events[:n]]
+    print(f"top {n} by self {'device' if device.type == 'cuda' else 'CPU'} time:")
+    for row in top:
+        print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.2f} ms/step  {row['name']}")
+    return top
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
@@ -297,6 +320,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="CUDA only: double the batch until out of memory, bisect, then benchmark the largest")
     p.add_argument("--flop-counter", default="fvcore", choices=("fvcore", "torch", "none"))
     p.add_argument("--peak-size", type=int, default=0, help="matmul side for the peak measurement (0: default)")
+    p.add_argument("--profile-top", type=int, default=0,
+                   help="after timing, profile 2 steps and record the N kernels/operators that take the most time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--json-out", default="")
@@ -312,11 +337,12 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
     result: Dict[str, Any] = {"benchmark": "train_step", "args": {k: v for k, v in vars(args).items()},
                               "environment": environment_info(device)}
     if args.variant == "xformers":
-        from dinov2_repro.layers.attention import _xformers_importable
+        from dinov2_repro.layers.attention import xformers_cuda_problem, xformers_import_problem
 
-        if not _xformers_importable():
-            print("skipped: xformers not installed")
-            result["skipped"] = "xformers not installed"
+        problem = xformers_import_problem() or (device.type == "cuda" and xformers_cuda_problem())
+        if problem:
+            print(f"skipped: {problem}")
+            result["skipped"] = problem
             write_json(args.json_out, result)
             return result
         if device.type != "cuda":
@@ -415,6 +441,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
                   images_per_s=images_per_s, crops_per_s=images_per_s * (2 + cfg.crops.local_crops_number),
                   peak_memory_bytes=memory.peak_bytes, peak_memory_kind=memory.kind, peak_memory_note=memory.note)
 
+    if args.profile_top:
+        result["profile_top"] = profile_top(one_step, device, args.profile_top)
     peak = measure_matmul_peak(device, size=args.peak_size or None)
     result["matmul_peak"] = peak
     print(f"first iteration (incl. compile/allocation): {first_s:.3f} s")

@@ -299,6 +299,25 @@ def test_sdpa_attention_matches_naive_attention():
     torch.testing.assert_close(attn(x), reference, atol=1e-5, rtol=1e-5)
 
 
+def test_an_xformers_that_imports_but_cannot_run_on_the_gpu_is_not_chosen(monkeypatch):
+    # xformers 0.0.35's wheel on torch 2.11 imports, then has no CUDA operator (seen on an H200): "auto" must
+    # keep SDPA, and an explicit "xformers" must fail at construction naming why.
+    from dinov2_repro.layers import attention
+
+    reason = "xformers is installed but its attention does not run on this GPU (NotImplementedError: x)"
+    monkeypatch.setattr(attention, "xformers_import_problem", lambda: "")
+    monkeypatch.setattr(attention, "xformers_cuda_problem", lambda: reason)
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: True)
+    assert attention.resolve_attn_backend("auto") == "sdpa"
+    with pytest.raises(ImportError, match="does not run on this GPU"):
+        attention.resolve_attn_backend("xformers")
+    monkeypatch.setattr(attention, "xformers_cuda_problem", lambda: "")  # a working build on a GPU
+    assert attention.resolve_attn_backend("auto") == "xformers"
+    monkeypatch.setattr(attention.torch.cuda, "is_available", lambda: False)  # no GPU: the forward is SDPA
+    assert attention.resolve_attn_backend("auto") == "sdpa"
+    assert attention.resolve_attn_backend("xformers") == "xformers"
+
+
 def test_attention_backend_choices():
     with pytest.raises(ValueError, match="flash"):
         Attention(16, 2, backend="flash")

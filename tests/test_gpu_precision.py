@@ -64,8 +64,11 @@ def test_fp16_overflow_backs_off_the_scale_without_stopping(tmp_path, monkeypatc
         return out
 
     monkeypatch.setattr(SSLMetaArch, "training_step", huge_first_loss)
-    summary = train(_cuda_cfg("compute.precision=fp16", "train.max_iterations=2"), tmp_path / "run",
-                    data_loader_fn=FixedLoader())
+    # KoLeo off: this tiny model's CLS tokens are near-identical at init (std ~3e-7), so KoLeo's 1/distance
+    # gradient (~2e3 at the final norm) overflows fp16 at any scale above ~30 on its own (2 overflows, seen on
+    # an H200). The test is about the injected overflow alone.
+    cfg = _cuda_cfg("compute.precision=fp16", "train.max_iterations=2", "koleo.loss_weight=0")
+    summary = train(cfg, tmp_path / "run", data_loader_fn=FixedLoader())
     assert summary["fp16_overflow_steps"] == 1 and summary["skipped_batches"] == 0
     records = read_metrics(tmp_path / "run/metrics.jsonl")
     assert records[0]["grad_scale"] == 2.0**15  # 2^16 backed off once

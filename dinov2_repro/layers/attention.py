@@ -1,26 +1,51 @@
 """Multi-head self-attention (Vaswani et al. 2017) with a fused kernel.
 
 The default kernel is torch.nn.functional.scaled_dot_product_attention, which needs nothing beyond PyTorch.
-xFormers' memory_efficient_attention is used only when it is importable, the input is on CUDA, and the caller
-asked for it (backend "auto" or "xformers"). Asking for "xformers" without it installed is an error at
-construction time, not a silent fallback. Parameter names `qkv` (packed [q; k; v], heads contiguous) and
-`proj` match the published DINOv2 checkpoints.
+xFormers' memory_efficient_attention is used only when the caller asked for it (backend "auto" or "xformers"),
+the input is on CUDA, and xFormers' attention actually runs on this machine's GPU: a wheel built without CUDA
+kernels imports fine but fails at the first call (seen with xformers 0.0.35 on torch 2.11), so "auto" probes
+once and keeps SDPA then. Asking for "xformers" when it cannot run is an error at construction time naming
+why, not a silent fallback. Parameter names `qkv` (packed [q; k; v], heads contiguous) and `proj` match the
+published DINOv2 checkpoints.
 """
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 ATTN_BACKENDS = ("sdpa", "xformers", "auto")
 
 
-def _xformers_importable() -> bool:
+def xformers_import_problem() -> str:
+    """'' when xformers.ops imports, else why not."""
     try:
         import xformers.ops  # noqa: F401
-    except Exception:  # ImportError, or a binary built against another torch/CUDA
-        return False
-    return True
+    except Exception as exc:  # ImportError, or a binary built against another torch/CUDA
+        return f"xformers.ops cannot be imported ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return ""
+
+
+@functools.lru_cache(maxsize=1)  # a fact of the installation and the GPU: probe once per process
+def xformers_cuda_problem() -> str:
+    """'' when xFormers' memory_efficient_attention runs on this machine's GPU, else why not."""
+    problem = xformers_import_problem()
+    if problem:
+        return problem
+    if not torch.cuda.is_available():
+        return "no CUDA device is visible (xFormers attention runs on CUDA only)"
+    from xformers.ops import memory_efficient_attention
+
+    try:
+        q = torch.zeros(1, 8, 1, 64, device="cuda", dtype=torch.bfloat16)
+        memory_efficient_attention(q, q, q)
+    except Exception as exc:  # NotImplementedError "No operator found" when built without CUDA kernels
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        return f"xformers is installed but its attention does not run on this GPU ({type(exc).__name__}: {first})"
+    return ""
 
 
 def resolve_attn_backend(backend: str) -> str:
@@ -29,13 +54,15 @@ def resolve_attn_backend(backend: str) -> str:
         raise ValueError(f"attn_backend={backend!r} is not one of {ATTN_BACKENDS}")
     if backend == "sdpa":
         return "sdpa"
-    available = _xformers_importable()
-    if backend == "xformers" and not available:
-        raise ImportError(
-            "attn_backend='xformers' was requested but xformers.ops cannot be imported; install xformers "
-            "or use attn_backend='sdpa' (PyTorch's fused attention) or 'auto'"
-        )
-    return "xformers" if available else "sdpa"
+    import_problem = xformers_import_problem()
+    # Without a GPU the forward uses SDPA anyway; with one, xFormers must really run there.
+    problem = import_problem or (xformers_cuda_problem() if torch.cuda.is_available() else "")
+    if backend == "xformers" and problem:
+        raise ImportError(f"attn_backend='xformers' was requested but {problem}; install an xformers build for "
+                          "this torch and GPU, or use attn_backend='sdpa' (PyTorch's fused attention) or 'auto'")
+    if backend == "auto" and (problem or not torch.cuda.is_available()):
+        return "sdpa"
+    return "xformers"
 
 
 class Attention(nn.Module):
