@@ -83,3 +83,26 @@ def test_a_linear_head_refuses_a_backbone_whose_weights_changed(data, tmp_path):
     with pytest.raises(ClassifierError, match="is not the one this head was trained on"):
         load_classifier(tmp_path / "lin").predict(open_images(str(data / "Testing")))
     assert torch.is_tensor(payload["weight"]) and payload["weight"].shape[1] == 3
+
+
+def test_predict_reads_volumes_alone_in_folders_and_in_csv_manifests(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    nib = pytest.importorskip("nibabel")
+    volume = np.zeros((12, 10, 9), dtype=np.float32)
+    volume[2:10, 2:8, 3:7] = np.arange(1, 1 + 8 * 6 * 4, dtype=np.float32).reshape(8, 6, 4)  # axial slices 3-6
+    folder = tmp_path / "scans"
+    folder.mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(folder / "patient1.nii.gz"))
+    Image.fromarray(np.full((16, 16), 128, dtype=np.uint8)).save(folder / "photo.png")
+    (tmp_path / "list.csv").write_text(f"path\n{folder / 'patient1.nii.gz'}\n")
+
+    def slices(dataset):
+        return sorted(int(p.rsplit("=", 1)[1]) for p, _ in dataset.samples if "::" in p)
+
+    assert slices(open_images(str(folder / "patient1.nii.gz"))) == [3, 4, 5, 6]  # one row per kept slice
+    mixed = open_images(str(folder))
+    assert slices(mixed) == [3, 4, 5, 6] and sum("photo.png" in p for p, _ in mixed.samples) == 1
+    assert tuple(mixed.load_image(0).shape[-2:]) in {(16, 16), (10, 12)}
+    assert slices(open_images(str(tmp_path / "list.csv"))) == [3, 4, 5, 6]

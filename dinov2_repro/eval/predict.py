@@ -4,8 +4,9 @@
     dinov2-repro predict --model runs/eval/finetune_vits14/runs/fraction1_seed0/best.pth --data scan.png
 
 MODEL: the output folder of ``eval linear`` (its ``classifier.pth``) or of ``eval finetune`` (its first
-``runs/*/best.pth``), or either file. DATA: one image, a folder (searched recursively) or a CSV manifest with a
-``path`` column. Unreadable images are skipped, counted and named; the input is never written to.
+``runs/*/best.pth``), or either file. DATA: one image, NIfTI volume or DICOM file, a folder (searched
+recursively; images, volumes and DICOM series alike) or a CSV manifest with a ``path`` column. A volume gives one
+row per kept slice. Unreadable images are skipped, counted and named; the input is never written to.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dinov2-repro predict", description=__doc__.split("\n\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--model", required=True, help="classifier.pth / best.pth, or the eval output folder")
-    parser.add_argument("--data", required=True, metavar="IMAGE_DIR_OR_CSV", help="the images to classify")
+    parser.add_argument("--data", required=True, metavar="IMAGE_DIR_OR_CSV",
+                        help="the images to classify: an image, a NIfTI/DICOM volume (one row per slice), a folder "
+                             "or a CSV manifest")
     parser.add_argument("--output", default=None, help="CSV to write (default <output-dir>/predictions.csv)")
     parser.add_argument("--output-dir", default=".", help="folder for predictions.csv when --output is not given")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -35,17 +38,36 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_images(data: str):
-    """One image, a folder (recursive) or a CSV manifest -> an `ImageFileDataset` (labels, if any, unused)."""
-    from ..data.datasets import CsvDataset, ImageFileDataset, UnlabeledFolderDataset
+    """One image or volume, a folder (recursive; images, NIfTI volumes and DICOM series, mixed or not) or a CSV
+    manifest of any of those -> an `ImageFileDataset` (labels, if any, unused). A volume gives one row per kept
+    slice (``<file>::<axis>=<index>``), read with the default volume settings."""
+    from ..data.datasets import ImageFileDataset, UnlabeledFolderDataset
+    from ..data.loaders import build_image_dataset, volume_files_kind
 
     path = Path(data)
     if not path.exists():
         raise FileNotFoundError(f"--data {data}: no such file or folder")
+    if path.suffix.lower() == ".csv":
+        return build_image_dataset(str(path), "csv", labelled=False)
+    kind = volume_files_kind(path)
+    if kind is not None and path.is_file():
+        return volume_file_dataset(path, kind)
+    if kind is not None:
+        return build_image_dataset(str(path), kind, labelled=False)
     if path.is_dir():
         return UnlabeledFolderDataset(path)
-    if path.suffix.lower() == ".csv":
-        return CsvDataset(path)
     return ImageFileDataset([(str(path), -1)], [], str(path.parent))
+
+
+def volume_file_dataset(path: Path, kind: str):
+    """The kept slices of one NIfTI file or one DICOM file, unlabelled."""
+    if kind == "nifti":
+        from ..data.volumes import VolumeSliceDataset
+
+        return VolumeSliceDataset([str(path)], [], str(path.parent))
+    from ..data.dicom import dicom_files_dataset
+
+    return dicom_files_dataset([str(path)], [], str(path.parent), {}, None)
 
 
 def write_predictions(path: Path, predictions: Predictions) -> None:
