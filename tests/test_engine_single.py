@@ -301,3 +301,14 @@ def test_checkpoints_also_follow_the_clock(tmp_path):
     train(tiny_cfg("checkpoint.period_iterations=100", "checkpoint.period_minutes=0"), tmp_path / "end",
           data_loader_fn=FixedLoader())
     assert [p.name for p in ckpt.list_checkpoints(tmp_path / "end")] == ["checkpoint_0000004.pth"]
+
+
+def test_a_run_with_the_fixed_head_gain_resumes_only_with_that_setting_and_says_so(tmp_path):
+    from dinov2_repro.train.checkpoint import CheckpointError
+
+    fixed = ["dino.head_norm_last_layer=true", "ibot.head_norm_last_layer=true"]
+    train(tiny_cfg(*fixed, "train.max_iterations=1"), tmp_path / "run", data_loader_fn=FixedLoader())
+    with pytest.raises(CheckpointError, match="resume it with dino.head_norm_last_layer=true"):
+        train(tiny_cfg("train.max_iterations=2"), tmp_path / "run", data_loader_fn=FixedLoader())
+    summary = train(tiny_cfg(*fixed, "train.max_iterations=2"), tmp_path / "run", data_loader_fn=FixedLoader())
+    assert summary["start_iteration"] == 1  # it resumed from the checkpoint of the first run

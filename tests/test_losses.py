@@ -282,8 +282,8 @@ def test_koleo_fp16_input_under_autocast_is_fp32_and_finite():
 
 
 # ---------------------------------------------------------------------- DINO head
-def test_dino_head_shapes_normalised_prototypes_and_init():
-    head = DINOHead(in_dim=32, out_dim=50, hidden_dim=64, bottleneck_dim=16, nlayers=3)
+def test_dino_v1_head_shapes_normalised_prototypes_and_init():
+    head = DINOHead(in_dim=32, out_dim=50, hidden_dim=64, bottleneck_dim=16, nlayers=3, norm_last_layer=True)
     x = torch.randn(7, 32)
     logits = head(x)
     assert logits.shape == (7, 50)
@@ -297,10 +297,37 @@ def test_dino_head_shapes_normalised_prototypes_and_init():
         head.last_layer.weight[3] *= 7.0
     torch.testing.assert_close(head(x), logits)
     names = dict(head.named_parameters())
-    assert "last_layer.weight" in names and not any(n.startswith("last_layer.bias") for n in names)
+    assert set(n for n in names if n.startswith("last_layer")) == {"last_layer.weight"}  # no bias, no gain
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert len(linears) == 3 and all(torch.count_nonzero(m.bias) == 0 for m in linears)
     assert 0.01 < linears[0].weight.std().item() < 0.03  # trunc_normal(0.02)
+
+
+def test_dinov2_head_trains_the_weight_norm_gain_like_torchs_weight_norm():
+    # The released DINOv2 head: nn.utils.weight_norm(nn.Linear(bottleneck, K, bias=False)), g filled with 1, g trained.
+    from dinov2_repro.train.param_groups import get_params_groups_with_decay
+
+    torch.manual_seed(0)
+    head = DINOHead(in_dim=8, out_dim=6, hidden_dim=12, bottleneck_dim=4, nlayers=2)
+    assert head.last_layer.weight_g.shape == (6, 1) and torch.equal(head.last_layer.weight_g, torch.ones(6, 1))
+    with torch.no_grad():
+        head.last_layer.weight_g.copy_(torch.tensor([[1.0], [2.0], [0.5], [1.0], [3.0], [1.0]]))
+    reference = torch.nn.utils.weight_norm(torch.nn.Linear(4, 6, bias=False))
+    with torch.no_grad():
+        reference.weight_v.copy_(head.last_layer.weight)
+        reference.weight_g.copy_(head.last_layer.weight_g)
+    z = F.normalize(torch.randn(5, 4), dim=-1)
+    out, expected = head.last_layer(z), reference(z)
+    torch.testing.assert_close(out, expected)
+    cosine = z @ F.normalize(head.last_layer.weight, dim=1).t()
+    torch.testing.assert_close(out[:, 1], 2 * cosine[:, 1])  # prototype 1's logits doubled by g = 2
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    torch.testing.assert_close(head.last_layer.weight_g.grad, reference.weight_g.grad)
+    torch.testing.assert_close(head.last_layer.weight.grad, reference.weight_v.grad)
+    # optimiser groups as the published ones: g is in the last layer (its lr, frozen with it) and decays (x1)
+    groups = {g["name"]: g for g in get_params_groups_with_decay(head)}
+    assert groups["last_layer.weight_g"]["is_last_layer"] and groups["last_layer.weight_g"]["wd_multiplier"] == 1.0
 
 
 @pytest.mark.parametrize("nlayers,use_bn", [(1, False), (2, True), (3, True)])

@@ -252,8 +252,8 @@ def test_params_groups_cover_student_only():
     ids = [id(p) for g in groups for p in g["params"]]
     assert sorted(ids) == sorted(id(p) for p in model.student.parameters())
     last = [g for g in groups if g["is_last_layer"]]
-    assert len(last) == 1 and sorted(last[0]["names"]) == ["student.dino_head.last_layer.weight",
-                                                           "student.ibot_head.last_layer.weight"]
+    assert len(last) == 1 and sorted(last[0]["names"]) == [  # the prototypes V and their gains g
+        f"student.{head}.last_layer.{p}" for head in ("dino_head", "ibot_head") for p in ("weight", "weight_g")]
     by_name = {n: g for g in groups for n in g["names"]}
     assert by_name["student.backbone.blocks.0.mlp.fc1.weight"]["lr_multiplier"] == pytest.approx(0.9 ** 2)
     assert by_name["student.backbone.patch_embed.proj.weight"]["lr_multiplier"] == pytest.approx(0.2 * 0.9 ** 3)

@@ -237,7 +237,8 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
         fail("data.std" if len(cfg.data.mean) == 3 else "data.mean", "need 3 values each, std > 0")
     if cfg.ibot.separate_head is False and cfg.ibot.loss_weight > 0:
         # Tied heads: iBOT reuses the DINO head, so its own head keys must not silently disagree.
-        for part in ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim"):
+        for part in ("head_n_prototypes", "head_bottleneck_dim", "head_nlayers", "head_hidden_dim",
+                     "head_norm_last_layer"):
             if cfg.ibot[part] != cfg.dino[part]:
                 fail(f"ibot.{part}", f"differs from dino.{part} = {cfg.dino[part]} but ibot.separate_head is "
                                      "false (tied heads share the DINO head); set both equal or untie the heads")

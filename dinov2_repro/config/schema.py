@@ -66,6 +66,7 @@ class DinoConfig:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
     head_use_bn: bool = False
+    head_norm_last_layer: bool = False  # True: DINO v1's fixed weight-norm gain g = 1; False: g trains (DINOv2)
     student_temp: float = 0.1
     center_momentum: float = 0.9
 
@@ -81,6 +82,7 @@ class IbotConfig:
     head_nlayers: int = 3
     head_hidden_dim: int = 2048
     head_use_bn: bool = False
+    head_norm_last_layer: bool = False
 
 
 @dataclass

@@ -1,8 +1,11 @@
 """Block-wise (BEiT-style) masking of a patch grid for the iBOT loss (Bao et al. 2022; Zhou et al. 2022).
 
-A mask is grown from axis-aligned rectangles: each has an area of at least ``min_num_patches`` patches and an
-aspect ratio log-uniform in [min_aspect, 1/min_aspect]; it is kept only if it adds between 1 and the remaining
-budget of new patches, so the total never exceeds ``min(requested, max_num_patches)``.
+A mask is grown from axis-aligned rectangles, sampled as the published DINOv2 generator does: a target area
+uniform in [min_num_patches, remaining budget] (``min_num_patches`` is only the low end of that range, so a small
+remaining budget gives small blocks), an aspect ratio log-uniform in [min_aspect, 1/min_aspect], and sides
+strictly shorter than the grid's. A rectangle is kept only if it adds between 1 and the remaining budget of new
+patches, so the total never exceeds ``min(requested, max_num_patches)``; after 10 failed attempts the mask stops
+short of the request.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ class MaskingGenerator:
             aspect = math.exp(lo + (hi - lo) * u_aspect)
             h = int(round(math.sqrt(area * aspect)))
             w = int(round(math.sqrt(area / aspect)))
-            if h * w < self.min_num_patches or not (0 < h <= self.height and 0 < w <= self.width):
+            if not (0 < h < self.height and 0 < w < self.width):  # strict, as the published generator
                 continue
             top = int(u_top * (self.height - h + 1))
             left = int(u_left * (self.width - w + 1))

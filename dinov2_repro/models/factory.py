@@ -65,6 +65,7 @@ def _head(section: Any, embed_dim: int) -> DINOHead:
         bottleneck_dim=int(section.head_bottleneck_dim),
         nlayers=int(section.head_nlayers),
         use_bn=bool(section.head_use_bn),
+        norm_last_layer=bool(section.head_norm_last_layer),
     )
 
 

@@ -236,7 +236,11 @@ def load_newest_loadable(run_dir: os.PathLike, model, optimizer, scaler=None):
             failures.append(f"{path.name} ({type(error).__name__}: {error})")
             log.warning("checkpoint %s cannot be loaded (%s: %s)%s", path, type(error).__name__, error,
                         "; trying the next older one" if i + 1 < len(candidates) else "")
-    raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} can be loaded: {'; '.join(failures)}")
+    hint = ""
+    if any("weight_g" in failure for failure in failures):  # the head's gain g trains since 2026-11-29
+        hint = (" (a run started while the DINO head's gain g was fixed has no last_layer.weight_g: resume it with "
+                "dino.head_norm_last_layer=true ibot.head_norm_last_layer=true)")
+    raise CheckpointError(f"no checkpoint in {checkpoints_dir(run_dir)} can be loaded: {'; '.join(failures)}{hint}")
 
 
 def load_checkpoint(path: os.PathLike, model, optimizer, scaler=None) -> Dict[str, Any]:
