@@ -251,3 +251,15 @@ def test_the_evaluation_report_embeds_the_attention_panel_and_survives_its_failu
     assert "attention_panel" not in (tmp_path / "broken" / "report.md").read_text()
     assert "WARNING: no attention panel (RuntimeError: no attention today)" in (
         tmp_path / "broken" / "eval.log").read_text()
+
+
+def test_python_api_writes_the_same_view(tmp_path):
+    import dinov2_repro
+
+    image = write_images(tmp_path / "im") / "scan1.png"
+    summary = dinov2_repro.visualize("pca", TINY, image, tmp_path / "out", joint=False, size=24)
+    assert summary["files"] == {"pca": "pca.png"} and (tmp_path / "out" / "pca.png").is_file()
+    assert summary["images"][0]["random:vit_small/8"]["grid"] == [3, 4]
+    assert json.loads((tmp_path / "out" / "pca.json").read_text())["joint"] is False
+    with pytest.raises(ValueError, match="view 'saliency'"):
+        dinov2_repro.visualize("saliency", TINY, image, tmp_path / "out")

@@ -23,9 +23,7 @@ slices of each). Whole-slide images are not supported yet.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import List, Optional
 
 
@@ -57,21 +55,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     """Load, draw, write; returns the summary (also in <out>/<view>.json)."""
-    from ..eval.backbone_spec import environment_device
-    from .inputs import collect_images
-    from .views import load_backbones, write_attention, write_pca
+    from .views import visualize
 
-    images, skipped = collect_images(args.images, args.max_images, args.slices)  # bad input fails before loading
-    backbones = load_backbones(args.backbone, args.compare == "random", environment_device(args.device))
+    options = dict(size=args.size, square=args.square)
     if args.view == "attention":
-        summary = write_attention(backbones, images, args.out, size=args.size, block=args.block, mass=args.mass,
-                                  square=args.square)
+        options.update(block=args.block, mass=args.mass)
     else:
-        summary = write_pca(backbones, images, args.out, size=args.size, threshold=args.threshold,
-                            joint=not args.per_image, square=args.square)
-    summary["skipped"] = skipped
-    Path(args.out, f"{args.view}.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        options.update(threshold=args.threshold, joint=not args.per_image)
+    return visualize(args.view, args.backbone, args.images, args.out, compare_random=args.compare == "random",
+                     device=args.device, max_images=args.max_images, slices_per_volume=args.slices, **options)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -8,6 +8,7 @@ share of the CLS attention.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -92,7 +93,8 @@ def attention_for(backbone: Backbone, images: Sequence[VizImage], *, size: int, 
     return results
 
 
-def attention_cells(result: Dict[str, Any], with_registers: bool) -> Cell:
+def attention_cell(result: Dict[str, Any], with_registers: bool) -> Cell:
+    """The mean map over the image, the mask outlined, the peak (and the registers' share) in the caption."""
     shown = result["shown"]
     text = f"peak {tuple(result['stats']['peak'])}"
     if with_registers:
@@ -111,8 +113,8 @@ def write_attention(backbones: Sequence[Backbone], images: Sequence[VizImage], o
     rows = []
     for i in range(len(images)):
         first = per_backbone[0][i]["shown"]
-        rows.append([Cell(image=to_hwc(first))] + [
-            attention_cells(results[i], b.model.num_register_tokens > 0) for b, results in zip(backbones, per_backbone)])
+        rows.append([Cell(image=to_hwc(first))] + [attention_cell(results[i], b.model.num_register_tokens > 0)
+                                                   for b, results in zip(backbones, per_backbone)])
     columns = ["input"] + [f"{b.name}\nblock {block}, mask {mass:.0%}" for b in backbones]
     files = {"attention": "attention.png"}
     save_grid(rows, out_dir / files["attention"], columns, [im.name for im in images],
@@ -162,3 +164,26 @@ def write_pca(backbones: Sequence[Backbone], images: Sequence[VizImage], out_dir
                 images=[dict(name=im.name, source=im.source, **{b.name: dict(
                     grid=list(v.rgb[i].shape[:2]), foreground=float(v.foreground[i].float().mean()))
                     for b, v in zip(backbones, views)}) for i, im in enumerate(images)])
+
+
+def visualize(view: str, specs: Sequence[str], images: Sequence[os.PathLike | str], out_dir: os.PathLike | str = "viz",
+              *, compare_random: bool = False, device: str = "auto", max_images: int = 8, slices_per_volume: int = 3,
+              **options: Any) -> Dict[str, Any]:
+    """``dinov2-repro viz VIEW``: ``view`` attention | pca, ``specs`` backbone SPECs, ``images`` files, folders or
+    volumes. ``options`` go to `write_attention` (size, block, mass, square, heads) or `write_pca` (size, threshold,
+    joint, square). Writes the PNGs and ``<view>.json`` under ``out_dir``; returns that summary (``skipped``: the
+    samples that could not be decoded)."""
+    from ..eval.backbone_spec import environment_device
+    from .inputs import collect_images
+
+    if view not in ("attention", "pca"):
+        raise ValueError(f"view {view!r} is not one of attention, pca")
+    if isinstance(specs, (str, os.PathLike)):
+        specs = [str(specs)]
+    shown, skipped = collect_images(images, max_images, slices_per_volume)  # bad input fails before loading
+    backbones = load_backbones([str(s) for s in specs], compare_random, environment_device(device))
+    writer = write_attention if view == "attention" else write_pca
+    summary = writer(backbones, shown, out_dir, **options)
+    summary["skipped"] = skipped
+    Path(out_dir, f"{view}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
