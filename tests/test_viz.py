@@ -263,3 +263,32 @@ def test_python_api_writes_the_same_view(tmp_path):
     assert json.loads((tmp_path / "out" / "pca.json").read_text())["joint"] is False
     with pytest.raises(ValueError, match="view 'saliency'"):
         dinov2_repro.visualize("saliency", TINY, image, tmp_path / "out")
+
+
+def test_dicom_series_and_files_give_slices_and_an_undecodable_image_is_named(tmp_path, capsys):
+    from test_data_dicom import disc, write_slice
+
+    from dinov2_repro.viz.inputs import collect_images
+
+    series = tmp_path / "series"
+    for k in range(5):
+        write_slice(series / f"{k}.dcm", disc(100 + 10 * k), series="1.2.3", position=float(k), instance=k + 1)
+    images, _ = collect_images([series], slices_per_volume=2)
+    assert len(images) == 2 and all(im.pixels.shape[0] == 3 for im in images)
+    assert len(collect_images([series / "3.dcm"])[0]) == 1
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    images, skipped = collect_images([broken, series / "0.dcm"])
+    assert len(images) == 1 and len(skipped) == 1 and skipped[0].startswith(str(broken))
+    assert main(["pca", "--backbone", TINY, "--images", str(broken), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "broken.png" in err and "no decodable image" in err
+
+
+def test_the_top_level_command_routes_viz(capsys):
+    from dinov2_repro.cli import main as top
+
+    assert top(["--help"]) == 0 and "viz" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        top(["viz", "--help"])
+    assert "--compare random" in capsys.readouterr().out

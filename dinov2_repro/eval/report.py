@@ -271,6 +271,8 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
                          ("curves", "Training curves"), ("label_efficiency", "Label efficiency")):
         if key in figures:
             lines += [f"![{caption}]({figures[key]})", ""]
+    if main.get("skipped"):
+        lines += [f"Unreadable images left out: {main['skipped']}", ""]
     if "attention_panel" in figures:
         lines += ["## Where the backbone looks", "",
                   "CLS attention of the backbone's last block (mean over heads; outlined: the fewest patches holding "
@@ -278,8 +280,6 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
                   "is one (first by path). For fine-tuning, the backbone before fine-tuning. More images: "
                   "`dinov2-repro viz attention --backbone SPEC --images ... --compare random`.", "",
                   f"![Attention on test images]({figures['attention_panel']})", ""]
-    if main.get("skipped"):
-        lines += [f"Unreadable images left out: {main['skipped']}", ""]
     lines += ["## Files", "", "- `metrics.json`: every run's metrics, selections and curves; `config.yaml`: the "
               "resolved eval config; `splits.json`: the images of each split; `predictions.csv`: every test "
               "image's label, prediction and class probabilities."]

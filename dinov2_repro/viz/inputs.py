@@ -8,6 +8,8 @@ evenly through the volume (deterministic). Whole-slide images are not read (no s
 from __future__ import annotations
 
 import os
+import re
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Sequence, Tuple
@@ -72,7 +74,8 @@ def pick_samples(dataset, slices_per_volume: int) -> List[int]:
 
 def collect_images(paths: Sequence[os.PathLike | str], max_images: int = 8,
                    slices_per_volume: int = 3) -> Tuple[List[VizImage], List[str]]:
-    """(the first ``max_images`` decodable images of ``paths``, in order; the samples that could not be decoded)."""
+    """(the first ``max_images`` decodable images of ``paths``, in order; one line per sample that could not be
+    decoded, naming it and why)."""
     images: List[VizImage] = []
     skipped: List[str] = []
     for path in paths:
@@ -81,14 +84,18 @@ def collect_images(paths: Sequence[os.PathLike | str], max_images: int = 8,
             if len(images) >= max_images:
                 return images, skipped
             source = dataset.samples[index][0]
-            pixels = dataset.load_image(index)
+            with warnings.catch_warnings(record=True) as caught:  # the reason goes into one line, not a warning
+                warnings.simplefilter("always")
+                pixels = dataset.load_image(index)
             if pixels is None:
-                skipped.append(source)
+                reason = str(caught[-1].message).splitlines()[0] if caught else "cannot be decoded"
+                reason = re.sub(r"^skipping unreadable \w+ ", "", reason)  # the datasets' wording, for a log
+                skipped.append(reason if reason.startswith(source) else f"{source}: {reason}")
                 continue
             images.append(VizImage(name=Path(source).name, source=source, pixels=pixels))
     if not images:
         raise ValueError(f"--images {', '.join(map(str, paths))}: no decodable image"
-                         + (f" (unreadable: {', '.join(skipped[:3])})" if skipped else ""))
+                         + (f" ({'; '.join(skipped[:3])})" if skipped else ""))
     return images, skipped
 
 

@@ -55,11 +55,12 @@ def attention_panel(model, info: Dict[str, Any], dataset, predictions: Dict[str,
                      Cell(image=to_hwc(shown), heat=upsampled(mean_map / mean_map.max(), shown.shape[-2:]),
                           mask=upsampled(mass_mask(mean_map), shown.shape[-2:]) > 0.5,
                           text=f"{classes[label]}: {verdict}")])
-        names.append(Path(path).name)
+        names.append(f"{Path(path).parent.name}/{Path(path).name}")  # file names repeat across class folders
     if not rows:
         return None
+    spec = str(info.get("spec", ""))
     save_grid(rows, Path(output_dir) / PANEL_FILE, ["test image", "CLS attention (last block)"], names,
-              title=f"{info.get('spec', '')}"[-60:])
+              title=spec if len(spec) <= 40 else "..." + spec[-37:])
     return PANEL_FILE
 
 
