@@ -42,8 +42,12 @@ def test_explicit_attention_times_values_is_the_sdpa_output_and_rows_sum_to_one(
 
 def test_block_attention_hooks_only_while_asked_and_checks_the_block():
     model = tiny_model()
-    weights = block_attention(model, torch.randn(1, 3, 32, 32), block=0)
+    images = torch.randn(1, 3, 32, 32)
+    weights = block_attention(model, images, block=0)
     assert weights.shape == (1, 4, 17, 17)
+    cls_row = block_attention(model, images, block=0, queries=1)  # what the maps use: no N x N matrix
+    assert cls_row.shape == (1, 4, 1, 17)
+    torch.testing.assert_close(cls_row, weights[:, :, :1])
     assert not model.blocks[0].attn._forward_hooks  # the hook is gone afterwards
     with pytest.raises(ValueError, match="block 2 is out of range"):
         block_attention(model, torch.randn(1, 3, 32, 32), block=2)
@@ -125,6 +129,17 @@ def test_pca_is_deterministic_with_the_right_shapes_at_odd_and_non_square_sizes(
     for a, b in zip(first.rgb, again.rgb):
         assert torch.equal(a, b)
     assert all(float(v.min()) >= 0 and float(v.max()) <= 1 for v in first.rgb)
+
+
+def test_a_very_long_image_is_cropped_to_a_bounded_aspect_ratio():
+    shown, x = ViewTransform(16, 8, [0.5] * 3, [0.25] * 3)(torch.zeros(3, 20, 400, dtype=torch.uint8))
+    assert shown.shape == (3, 16, 64) and x.shape == (3, 16, 64)  # 16 x 320 -> 16 x (4 x 16)
+    from dinov2_repro.eval.features import EvalTransform
+
+    pixels = torch.randint(0, 256, (3, 30, 47), dtype=torch.uint8)
+    square, x = ViewTransform(16, 8, [0.5] * 3, [0.25] * 3, square=True, resize=18)(pixels)
+    assert square.shape == (3, 16, 16)
+    torch.testing.assert_close(x, EvalTransform(18, 16, [0.5] * 3, [0.25] * 3)(pixels))  # what evaluation sees
 
 
 def test_pca_puts_the_border_in_the_background_whatever_the_sign():

@@ -12,21 +12,24 @@ of the CLS attention they take is reported beside them (they soak up attention, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 
-def attention_weights(attn, x: Tensor) -> Tuple[Tensor, Tensor]:
+def attention_weights(attn, x: Tensor, queries: Optional[int] = None) -> Tuple[Tensor, Tensor]:
     """Explicit attention of an `Attention` module on its input x (B, N, D).
 
-    Returns (weights (B, H, N, N), rows summing to 1; values (B, H, N, d)). ``weights @ values`` is what SDPA
-    computes before the heads are merged and projected.
+    Returns (weights (B, H, Q, N), rows summing to 1; values (B, H, N, d)), Q = N, or the first ``queries`` tokens
+    only (1: the CLS row, which saves the N x N matrix on large images). ``weights @ values`` is what SDPA computes
+    for those queries before the heads are merged and projected.
     """
     batch, n_tokens, _ = x.shape
     qkv = attn.qkv(x).reshape(batch, n_tokens, 3, attn.num_heads, attn.head_dim)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, N, d), the layout SDPA gets
+    if queries is not None:
+        q = q[:, :, :queries]
     logits = (q.float() @ k.float().transpose(-2, -1)) * attn.head_dim ** -0.5
     return logits.softmax(dim=-1), v.float()
 
@@ -41,13 +44,14 @@ def block_index(model, block: int) -> int:
 
 
 @torch.no_grad()
-def block_attention(model, images: Tensor, block: int = -1) -> Tensor:
-    """Images (B, 3, H, W) -> attention weights (B, heads, T, T) of block ``block``; T = 1 + R + h * w."""
+def block_attention(model, images: Tensor, block: int = -1, queries: Optional[int] = None) -> Tensor:
+    """Images (B, 3, H, W) -> attention weights (B, heads, Q, T) of block ``block``; T = 1 + R + h * w tokens,
+    Q = T or the first ``queries`` (see `attention_weights`)."""
     index = block_index(model, block)
     captured = []
 
     def hook(module, inputs, output):  # inputs[0]: the normed tokens the block's attention saw
-        captured.append(attention_weights(module, inputs[0])[0])
+        captured.append(attention_weights(module, inputs[0], queries)[0])
 
     handle = model.blocks[index].attn.register_forward_hook(hook)
     try:
@@ -82,9 +86,8 @@ class ClsAttention:
 def cls_attention(model, images: Tensor, block: int = -1) -> ClsAttention:
     """Images (B, 3, H, W), H and W multiples of the patch size -> the CLS attention of ``block``."""
     grid_h, grid_w = images.shape[-2] // model.patch_size, images.shape[-1] // model.patch_size
-    weights = block_attention(model, images, block)  # (B, heads, T, T)
+    row = block_attention(model, images, block, queries=1)[:, :, 0]  # (B, heads, T): what CLS looks at
     first_patch = 1 + int(model.num_register_tokens)
-    row = weights[:, :, 0]  # (B, heads, T): what CLS looks at
     patches = row[:, :, first_patch:].reshape(*row.shape[:2], grid_h, grid_w)
     return ClsAttention(patches=patches, registers=row[:, :, 1:first_patch], cls=row[:, :, 0])
 

@@ -17,6 +17,9 @@ from typing import Dict, List, Sequence, Tuple
 from torch import Tensor
 
 
+MAX_ASPECT = 4  # a longer side beyond 4 x the shorter is centre-cropped
+
+
 @dataclass
 class VizImage:
     """name: the label in figures; source: the sample it came from (``path``, or a volume slice's sample name);
@@ -102,26 +105,30 @@ def collect_images(paths: Sequence[os.PathLike | str], max_images: int = 8,
 class ViewTransform:
     """uint8 (3, H, W) -> (shown: uint8 (3, h, w); model input: float (3, h, w) normalised), h and w multiples of
     the patch size. The shorter side is resized to ``size`` (bicubic, antialiased, as `EvalTransform`), the aspect
-    ratio kept (the backbone interpolates its positional embedding), and the longer side centre-cropped to a
-    multiple of the patch. ``square`` takes the centre size x size crop instead, which is exactly
-    `eval.features.EvalTransform(size, size, mean, std)`: the input the evaluation protocols see."""
+    ratio kept up to ``MAX_ASPECT`` (the backbone interpolates its positional embedding), and the longer side
+    centre-cropped to a multiple of the patch. ``square`` resizes the shorter side to ``resize`` (default ``size``)
+    and takes the centre size x size crop, which is exactly `eval.features.EvalTransform(resize, size, mean, std)`:
+    the input the evaluation protocols see."""
 
-    def __init__(self, size: int, patch_size: int, mean: Sequence[float], std: Sequence[float], square: bool = False):
+    def __init__(self, size: int, patch_size: int, mean: Sequence[float], std: Sequence[float], square: bool = False,
+                 resize: int = 0):
         self.size, self.patch_size, self.square = int(size), int(patch_size), bool(square)
         if self.size < self.patch_size:
             raise ValueError(f"--size {size} is smaller than the backbone's patch size {patch_size}")
         self.size -= self.size % self.patch_size
+        self.resize = int(resize) if square and resize else self.size
         self.mean, self.std = [float(v) for v in mean], [float(v) for v in std]
 
     def __call__(self, image: Tensor) -> Tuple[Tensor, Tensor]:
         from torchvision.transforms.v2 import InterpolationMode
         from torchvision.transforms.v2 import functional as TF
 
-        resized = TF.resize(image, [self.size], interpolation=InterpolationMode.BICUBIC, antialias=True)
-        height, width = resized.shape[-2:]
+        resized = TF.resize(image, [self.resize], interpolation=InterpolationMode.BICUBIC, antialias=True)
         if self.square:
-            height = width = self.size
-        crop = [height - height % self.patch_size, width - width % self.patch_size]
+            crop = [self.size, self.size]
+        else:  # bounded token count: attention cost grows with its square
+            crop = [min(side, MAX_ASPECT * self.size) // self.patch_size * self.patch_size
+                    for side in resized.shape[-2:]]
         shown = TF.center_crop(resized, crop)
         model_input = TF.normalize(shown.float().div(255.0), self.mean, self.std)
         return shown, model_input

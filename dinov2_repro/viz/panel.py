@@ -30,18 +30,18 @@ def pick_panel_images(predictions: Dict[str, list], n_classes: int, per_class: i
 
 def attention_panel(model, info: Dict[str, Any], dataset, predictions: Dict[str, list], classes: Sequence[str],
                     output_dir: os.PathLike, crop_size: int, mean: Sequence[float], std: Sequence[float],
-                    per_class: int = 1) -> Optional[str]:
+                    resize_size: int = 0, per_class: int = 1) -> Optional[str]:
     """Write ``attention_panel.png`` under ``output_dir``; returns its name, or None when there is nothing to show.
 
     ``dataset`` decodes the test images (its ``samples`` hold the prediction paths); the images are preprocessed as
-    the evaluation saw them (``crop_size``, ``mean``, ``std``).
+    the evaluation saw them (``resize_size``, ``crop_size``, ``mean``, ``std``: `eval.features.EvalTransform`).
     """
     from .attention import cls_attention, mass_mask
     from .inputs import ViewTransform
     from .plots import Cell, save_grid, to_hwc, upsampled
 
     index_of = {path: i for i, (path, _) in enumerate(dataset.samples)}
-    transform = ViewTransform(crop_size, int(model.patch_size), mean, std, square=True)
+    transform = ViewTransform(crop_size, int(model.patch_size), mean, std, square=True, resize=resize_size)
     device = next(model.parameters()).device
     rows, names = [], []
     for path, label, predicted in pick_panel_images(predictions, len(classes), per_class):

@@ -103,6 +103,20 @@ def attention_cell(result: Dict[str, Any], with_registers: bool) -> Cell:
                 mask=upsampled(result["mask"], shown.shape[-2:]) > 0.5, text=text)
 
 
+def write_head_grids(backbones: Sequence[Backbone], per_backbone: Sequence[List[Dict[str, Any]]],
+                     images: Sequence[VizImage], out_dir: Path, block: int) -> Dict[str, str]:
+    """One grid per backbone: rows = images, columns = heads. Returns {"heads_<k>": file name}."""
+    files = {}
+    for k, (backbone, results) in enumerate(zip(backbones, per_backbone)):
+        name = f"attention_heads_{k}_{file_stem(backbone.name)}.png"
+        rows = [[Cell(image=to_hwc(r["shown"]), heat=upsampled(normalised(h), r["shown"].shape[-2:]))
+                 for h in r["heads"]] for r in results]
+        save_grid(rows, out_dir / name, [f"head {h}" for h in range(len(results[0]["heads"]))],
+                  [im.name for im in images], title=f"{backbone.name}\nCLS attention per head, block {block}")
+        files[f"heads_{k}"] = name
+    return files
+
+
 def write_attention(backbones: Sequence[Backbone], images: Sequence[VizImage], out_dir: os.PathLike, *,
                     size: int = 0, block: int = -1, mass: float = 0.6, square: bool = False,
                     heads: bool = True) -> Dict[str, Any]:
@@ -119,15 +133,8 @@ def write_attention(backbones: Sequence[Backbone], images: Sequence[VizImage], o
     files = {"attention": "attention.png"}
     save_grid(rows, out_dir / files["attention"], columns, [im.name for im in images],
               title="CLS attention, mean over heads\n(outline: fewest patches holding the mass)")
-    for k, (backbone, results) in enumerate(zip(backbones, per_backbone)):
-        if not heads:
-            break
-        name = f"attention_heads_{k}_{file_stem(backbone.name)}.png"
-        head_rows = [[Cell(image=to_hwc(r["shown"]), heat=upsampled(normalised(h), r["shown"].shape[-2:]))
-                      for h in r["heads"]] for r in results]
-        save_grid(head_rows, out_dir / name, [f"head {h}" for h in range(len(results[0]["heads"]))],
-                  [im.name for im in images], title=f"{backbone.name}\nCLS attention per head, block {block}")
-        files[f"heads_{k}"] = name
+    if heads:
+        files.update(write_head_grids(backbones, per_backbone, images, out_dir, block))
     summary = dict(view="attention", block=block, mass=mass, files=files,
                    backbones=[dict(name=b.name, spec=b.info.get("spec"), num_register_tokens=int(
                        b.model.num_register_tokens)) for b in backbones],
