@@ -6,6 +6,7 @@ Modules:
 - `pca`: patch tokens -> first principal components as RGB, background removed on the first component;
 - `inputs`: the images to show (files, folders, NIfTI/DICOM volumes: a few kept slices) and their preprocessing;
 - `plots`: overlays and PNG grids (matplotlib, Agg canvas, imported lazily);
+- `views`: backbones + images -> the grids and a JSON summary (`visualize`, also ``dinov2_repro.visualize``);
 - `panel`: the attention panel of an evaluation report; `cli`: ``dinov2-repro viz attention|pca``.
 
 Whole-slide images are not handled yet (no slide reader in the project). Nothing heavy is imported here.
