@@ -40,3 +40,14 @@ def predict(model, data, output="predictions.csv", device="auto"):
     from .eval.predict import predict as run
 
     return run(str(model), str(data), str(output), device)
+
+
+def visualize(view, backbone, images, output_dir="viz", compare_random=False, **options):
+    """``dinov2-repro viz VIEW``: ``view`` attention | pca, ``backbone`` a SPEC or a list of them, ``images`` a
+    path or a list (files, folders, NIfTI/DICOM volumes). ``compare_random`` adds each backbone's random twin.
+    Writes PNG grids and ``<view>.json`` under ``output_dir``; returns that summary. ``options``: see
+    `dinov2_repro.viz.views.visualize` (size, block, mass, threshold, joint, max_images, ...)."""
+    from .viz.views import visualize as run
+
+    images = [images] if isinstance(images, (str, bytes)) or hasattr(images, "__fspath__") else list(images)
+    return run(view, backbone, images, output_dir, compare_random=compare_random, **options)

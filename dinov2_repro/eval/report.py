@@ -273,6 +273,13 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
             lines += [f"![{caption}]({figures[key]})", ""]
     if main.get("skipped"):
         lines += [f"Unreadable images left out: {main['skipped']}", ""]
+    if "attention_panel" in figures:
+        lines += ["## Where the backbone looks", "",
+                  "CLS attention of the backbone's last block (mean over heads; outlined: the fewest patches holding "
+                  "60% of it) on test images of each class, one classified correctly and one wrongly where there "
+                  "is one (first by path). For fine-tuning, the backbone before fine-tuning. More images: "
+                  "`dinov2-repro viz attention --backbone SPEC --images ... --compare random`.", "",
+                  f"![Attention on test images]({figures['attention_panel']})", ""]
     lines += ["## Files", "", "- `metrics.json`: every run's metrics, selections and curves; `config.yaml`: the "
               "resolved eval config; `splits.json`: the images of each split; `predictions.csv`: every test "
               "image's label, prediction and class probabilities."]
@@ -298,6 +305,8 @@ def write_report(output_dir: os.PathLike, result: Dict[str, Any]) -> Path:
         selected = main["selection"].get("best_epoch") if x_key == "epoch" else None
         plot_curves(curves, output_dir / "curves.png", x_key, title=title, selected=selected)
         figures["curves"] = "curves.png"
+    if result.get("attention_panel"):  # drawn by the runner, which holds the backbone and the test images
+        figures["attention_panel"] = result["attention_panel"]
     if len(result["summary"]) > 1:
         plot_label_efficiency(result["summary"], output_dir / "label_efficiency.png", title=title)
         figures["label_efficiency"] = "label_efficiency.png"

@@ -247,6 +247,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
 
     from .dedup import cached_image_hashes, near_duplicates
     from .features import EvalTransform, cached_features, default_cache_dir, resolve_sizes
+    from ..viz.panel import safe_attention_panel
     from .report import write_json, write_report
 
     log(f"[{mode}] backbone {info.get('spec')}")
@@ -318,6 +319,8 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
         data=dict(path=str(data_path), **splits.describe()), dedup=dedup_info,
         config=OmegaConf.to_container(cfg, resolve=True), train_fractions=list(cfg.train_fractions),
         seeds=list(cfg.seeds), runs=runs, summary=summarize(runs), main_run=_main_run_index(runs, list(cfg.seeds)))
+    result["attention_panel"] = safe_attention_panel(model, info, splits.test, predictions[result["main_run"]],
+                                                     splits.classes, output_dir, crop, mean, std, resize, log=log)
     report = write_report(output_dir, result)
     result["report"] = str(report)
     result["test_predictions"] = predictions[result["main_run"]]  # returned for paired comparisons, not saved twice
