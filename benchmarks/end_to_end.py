@@ -110,6 +110,8 @@ def build_config(args: argparse.Namespace, data_dir: Path):
         "data.kind=folder",
         "data.split=''",  # every image below data.path (a preset may name a split folder)
         f"data.augmentation={args.augmentation}",
+        f"data.augmentation_device={'cuda' if args.gpu_augment else 'cpu'}",
+        f"compute.device={args.device if args.device in ('cpu', 'cuda') else 'auto'}",
         f"data.num_workers={args.num_workers}",
         f"data.persistent_workers={str(args.num_workers > 0).lower()}",
         f"data.pin_memory={str(args.device != 'cpu').lower()}",
@@ -123,30 +125,14 @@ def build_config(args: argparse.Namespace, data_dir: Path):
 
 
 def build_loader(cfg, gpu_augment: bool, device: torch.device):
-    """The config's SSL loader, or (gpu_augment) the decode-only loader + the device-side augmentation."""
+    """The config's SSL loader, or (gpu_augment) the decode-only loader and the device-side augmentation that
+    ``data.augmentation_device=cuda`` uses in training (returned apart, so that the augmentation is timed apart)."""
+    from dinov2_repro.data.loaders import build_device_augment_loader, build_ssl_data_loader
+
     if not gpu_augment:
-        from dinov2_repro.data.loaders import build_ssl_data_loader
-
         return build_ssl_data_loader(cfg), None
-    from dinov2_repro.data.batched_augment import (BatchedMultiCrop, DeviceAugmentCollate, DeviceAugmentDraws,
-                                                   recipe_from_config)
-    from dinov2_repro.data.loaders import (MultiCropDataset, build_image_dataset, build_mask_generator,
-                                           make_data_loader)
-    from dinov2_repro.data.samplers import InfiniteShardedSampler
-
-    recipe = recipe_from_config(cfg)
-    seed = int(cfg.train.seed)
-    images = build_image_dataset(str(cfg.data.path), str(cfg.data.kind), str(cfg.data.split or ""))
-    dataset = MultiCropDataset(images, DeviceAugmentDraws(recipe), seed=seed)
-    sampler = InfiniteShardedSampler(len(dataset), seed=seed, with_positions=True)
-    pin = bool(cfg.data.pin_memory) and device.type == "cuda"
-    collate = DeviceAugmentCollate(recipe, build_mask_generator(cfg), tuple(cfg.ibot.mask_ratio_min_max),
-                                   float(cfg.ibot.mask_sample_probability), seed=seed)
-    loader = make_data_loader(dataset, int(cfg.train.batch_size_per_gpu), sampler, collate,
-                              num_workers=int(cfg.data.num_workers), seed=seed, pin_memory=pin,
-                              persistent_workers=bool(cfg.data.persistent_workers),
-                              prefetch_factor=int(cfg.data.prefetch_factor))
-    return loader, BatchedMultiCrop(recipe, device)
+    wrapped = build_device_augment_loader(cfg)
+    return wrapped.loader, wrapped.augment
 
 
 def _mean(values: Sequence[float]) -> float:

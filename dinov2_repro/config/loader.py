@@ -171,6 +171,9 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     one_of("compute.device", schema.DEVICES)
     one_of("data.kind", schema.DATA_KINDS)
     one_of("data.augmentation", schema.AUG_PRESETS)
+    one_of("data.augmentation_device", schema.AUG_DEVICES)
+    if cfg.data.augmentation_max_side < 0:
+        fail("data.augmentation_max_side", "must be >= 0 (0 keeps the decoded size)")
     one_of("data.blur_mode", schema.BLUR_MODES)
     one_of("optim.scaling_rule", ("sqrt_wrt_1024", "linear_wrt_256", "none"))
     one_of("logging.wandb_mode", ("offline", "online", "disabled"))

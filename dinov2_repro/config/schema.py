@@ -22,6 +22,7 @@ DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "n
 VOLUME_AXES = ("axial", "coronal", "sagittal")
 DICOM_WINDOWS = ("percentile", "file", "brain", "subdural", "bone", "soft_tissue", "lung")
 AUG_PRESETS = ("dinov2", "mri")
+AUG_DEVICES = ("cpu", "cuda")
 BLUR_MODES = ("paper", "as_released")
 NONFINITE_POLICIES = ("stop", "skip_batch")
 DROP_PATH_MODES = ("uniform", "linear")
@@ -122,6 +123,8 @@ class DataConfig:
     kind: str = "auto"
     split: str = ""  # e.g. "Training" for the Kaggle layout; "" = whole folder
     augmentation: str = "dinov2"  # "mri" drops hue/saturation jitter and adds gamma and noise
+    augmentation_device: str = "cpu"  # cpu: per image in the loader workers; cuda: per batch on the GPU
+    augmentation_max_side: int = 0  # augmentation_device=cuda: workers shrink images to this longer side (0: off)
     blur_mode: str = "paper"  # "as_released" reproduces the released checkpoints' inverted blur
     intensity_jitter: bool = True  # false: no colour jitter/grayscale (MRI: gamma/noise); crops, blur, solarize kept
     mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])

@@ -111,6 +111,15 @@ def to_grayscale(image: torch.Tensor) -> torch.Tensor:
     return luma.round_().clamp_(0, 255).to(torch.uint8)
 
 
+def single_channel(image: torch.Tensor) -> torch.Tensor:
+    """uint8 (C, H, W) -> (1, H, W): as is when gray already (one channel, or three equal ones), else its luma."""
+    if image.shape[0] == 1:
+        return image
+    if torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]):
+        return image[:1]
+    return to_grayscale(image)
+
+
 def gaussian_blur_separable(image: torch.Tensor, sigma: float, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
     """Gaussian blur of a (C, H, W) uint8/float tensor as two 1-D passes (2k instead of k^2 multiply-adds), with
     reflect padding; the same kernel as torchvision's ``gaussian_blur`` (results agree to one grey level)."""
@@ -179,7 +188,7 @@ class MultiCropAugmentation:
                  trace: Optional[List[dict]] = None) -> Dict[str, List[torch.Tensor]]:
         image = to_uint8_chw(image)
         if self.preset == "mri":
-            image = self._single_channel(image)
+            image = single_channel(image)
         elif self.gray_fast_path and image.shape[0] == 3 and torch.equal(image[0], image[1]) \
                 and torch.equal(image[1], image[2]):
             # Gray stored as RGB (most scans): saturation, hue and grayscale are identities on gray pixels, so
@@ -194,14 +203,6 @@ class MultiCropAugmentation:
         local_crops = [self._view(image, l, self.local_crops_scale, blur_local, 0.0, generator, trace, f"local_{i + 1}")
                        for i in range(self.local_crops_number)]
         return {"global_crops": global_crops, "local_crops": local_crops}
-
-    @staticmethod
-    def _single_channel(image: torch.Tensor) -> torch.Tensor:
-        if image.shape[0] == 1:
-            return image
-        if torch.equal(image[0], image[1]) and torch.equal(image[1], image[2]):
-            return image[:1]
-        return to_grayscale(image)
 
     def _blur(self, crop: torch.Tensor, sigma: float) -> torch.Tensor:
         return gaussian_blur_separable(crop, sigma, BLUR_KERNEL)

@@ -533,19 +533,32 @@ class DeviceAugmentDraws:
     ``__call__(image, generator=None) -> {"image": uint8 (C, H, W), "uniforms": (crops_per_image, D) float64}``
     """
 
-    def __init__(self, recipe: AugmentRecipe):
+    def __init__(self, recipe: AugmentRecipe, max_side: int = 0):
         self.recipe = recipe
+        self.max_side = int(max_side)
 
     @staticmethod
     def prepare_image(image, recipe: AugmentRecipe) -> Tensor:
         """Channel handling of the CPU pipeline: "mri" -> 1 gray channel, "dinov2" -> 3 channels."""
         image = cpu_aug.to_uint8_chw(image)
         if recipe.preset == "mri":
-            return cpu_aug.MultiCropAugmentation._single_channel(image)
+            return cpu_aug.single_channel(image)
         return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
+    @staticmethod
+    def bound_size(image: Tensor, max_side: int) -> Tensor:
+        """uint8 (C, H, W) shrunk (antialiased bilinear) so that its longer side is at most ``max_side`` (0: as is).
+        The crop boxes are drawn as fractions of the image, so only the source resolution changes."""
+        height, width = image.shape[-2:]
+        if max_side <= 0 or max(height, width) <= max_side:
+            return image
+        scale = max_side / max(height, width)
+        size = (max(1, round(height * scale)), max(1, round(width * scale)))
+        small = F.interpolate(image[None].float(), size=size, mode="bilinear", antialias=True, align_corners=False)
+        return small[0].round().clamp(0, 255).to(torch.uint8)
+
     def __call__(self, image, generator: Optional[torch.Generator] = None) -> Dict[str, Tensor]:
-        image = self.prepare_image(image, self.recipe)
+        image = self.bound_size(self.prepare_image(image, self.recipe), self.max_side)
         rows = []
         for kind, count, size in self.recipe.crop_kinds():
             for _ in range(count):
@@ -606,6 +619,18 @@ class DeviceAugmentCollate:
                      uniforms=torch.stack([d["uniforms"] for d in kept]),
                      noise_seed=int(rng.integers(0, 2 ** 62)))
         return batch
+
+
+class DeviceAugmentedLoader:
+    """Iterates a `DeviceAugmentCollate` loader and augments each batch on the device, in the caller's (the
+    training step's) stream: ``for batch in DeviceAugmentedLoader(loader, augment)`` gives SSL batches."""
+
+    def __init__(self, loader, augment: BatchedMultiCrop):
+        self.loader, self.augment = loader, augment
+
+    def __iter__(self):
+        for batch in self.loader:
+            yield augment_batch(self.augment, batch)
 
 
 def augment_batch(augment: BatchedMultiCrop, batch: Dict[str, Any]) -> Dict[str, Any]:

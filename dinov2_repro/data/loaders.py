@@ -16,7 +16,6 @@ transform that uses global RNGs is at least deterministic for a fixed number of 
 from __future__ import annotations
 
 import logging
-import os
 import random
 import warnings
 from pathlib import Path
@@ -210,9 +209,8 @@ def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:
             f"counted as they are met")
 
 
-def build_ssl_dataset(cfg) -> MultiCropDataset:
-    """The pretraining dataset of a config: ``data.path/kind/split`` images with the multi-crop augmentation of
-    ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
+def build_pretraining_images(cfg) -> ImageFileDataset:
+    """The unlabelled images of a config's ``data.path/kind/split``, described in the log."""
     path, split = str(cfg.data.path), str(cfg.data.split or "")
     kind = resolve_data_kind(path, str(cfg.data.kind), split)
     if kind == "class_folder" and cfg.data.kind == "auto":
@@ -221,7 +219,13 @@ def build_ssl_dataset(cfg) -> MultiCropDataset:
                                  synthetic_n_test_per_class=cfg.data.synthetic_n_test_per_class, data_cfg=cfg.data,
                                  labelled=False)  # pretraining uses no labels
     log.info("%s", describe_dataset(images, path + (f" (split {split})" if split else ""), kind))
-    return MultiCropDataset(images, build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
+    return images
+
+
+def build_ssl_dataset(cfg) -> MultiCropDataset:
+    """The pretraining dataset of a config: ``data.path/kind/split`` images with the multi-crop augmentation of
+    ``crops.*`` and ``data.augmentation/blur_mode/mean/std``, seeded by ``train.seed``."""
+    return MultiCropDataset(build_pretraining_images(cfg), build_multicrop_augmentation(cfg), seed=int(cfg.train.seed))
 
 
 def build_mask_generator(cfg) -> MaskingGenerator:
@@ -237,6 +241,8 @@ def build_ssl_data_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: i
     ``start_iter`` counts batches drawn from this loader (with gradient accumulation: optimiser steps x
     ``train.grad_accum_steps``); this rank skips ``start_iter * train.batch_size_per_gpu`` samples in O(1).
     """
+    if str(cfg.data.augmentation_device) == "cuda":
+        return build_device_augment_loader(cfg, rank, world_size, start_iter)
     dataset = dataset if dataset is not None else build_ssl_dataset(cfg)
     batch_size = int(cfg.train.batch_size_per_gpu)
     seed = int(cfg.train.seed)
@@ -250,3 +256,36 @@ def build_ssl_data_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: i
                             pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
                             persistent_workers=bool(cfg.data.persistent_workers),
                             prefetch_factor=int(cfg.data.prefetch_factor), drop_last=True)
+
+
+def augmentation_device(cfg) -> torch.device:
+    """Where ``data.augmentation_device=cuda`` runs the crops: this process's GPU; the CPU (main process) only
+    when the run itself is on the CPU, which is a functional check rather than a speed-up."""
+    if str(cfg.compute.device) != "cpu" and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    warnings.warn("data.augmentation_device=cuda on a CPU run: the batched augmentation runs in the main process "
+                  "on the CPU (same crops, no speed-up); use data.augmentation_device=cpu", stacklevel=2)
+    return torch.device("cpu")
+
+
+def build_device_augment_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: int = 0):
+    """``data.augmentation_device=cuda``: the workers decode (shrinking to ``data.augmentation_max_side``), draw
+    each sample's random numbers as the CPU pipeline would, and collate a uint8 canvas with the iBOT masks; the
+    crops and colour operations then run per batch on the device (`batched_augment`). Same sampler, resume
+    position and masks as `build_ssl_data_loader`."""
+    from .batched_augment import (BatchedMultiCrop, DeviceAugmentCollate, DeviceAugmentDraws,
+                                  DeviceAugmentedLoader, recipe_from_config)
+
+    images = build_pretraining_images(cfg)
+    recipe, seed, batch_size = recipe_from_config(cfg), int(cfg.train.seed), int(cfg.train.batch_size_per_gpu)
+    device = augmentation_device(cfg)
+    dataset = MultiCropDataset(images, DeviceAugmentDraws(recipe, int(cfg.data.augmentation_max_side)), seed=seed)
+    sampler = InfiniteShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,
+                                     start=int(start_iter) * batch_size, shuffle=True, with_positions=True)
+    collate = DeviceAugmentCollate(recipe, build_mask_generator(cfg), tuple(cfg.ibot.mask_ratio_min_max),
+                                   float(cfg.ibot.mask_sample_probability), seed=seed)
+    loader = make_data_loader(dataset, batch_size, sampler, collate, num_workers=int(cfg.data.num_workers),
+                              seed=seed, rank=rank, pin_memory=bool(cfg.data.pin_memory) and device.type == "cuda",
+                              persistent_workers=bool(cfg.data.persistent_workers),
+                              prefetch_factor=int(cfg.data.prefetch_factor), drop_last=True)
+    return DeviceAugmentedLoader(loader, BatchedMultiCrop(recipe, device))
