@@ -149,8 +149,10 @@ def test_param_group_lr_multipliers_and_weight_decay_membership():
     head = DINOHead(32, 20, hidden_dim=16, bottleneck_dim=8)
     head_groups = {g["name"]: g for g in get_params_groups_with_decay(head, decay, 0.2, prefix="dino_head.")}
     assert all(g["lr_multiplier"] == 1.0 for g in head_groups.values())
-    assert [n for n, g in head_groups.items() if g["is_last_layer"]] == ["dino_head.last_layer.weight"]
+    assert [n for n, g in head_groups.items() if g["is_last_layer"]] == ["dino_head.last_layer.weight",
+                                                                        "dino_head.last_layer.weight_g"]
     assert head_groups["dino_head.last_layer.weight"]["wd_multiplier"] == 1.0
+    assert head_groups["dino_head.last_layer.weight_g"]["wd_multiplier"] == 1.0  # as the published "weight_g"
     assert head_groups["dino_head.mlp.0.bias"]["wd_multiplier"] == 0.0
 
 
