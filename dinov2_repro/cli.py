@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "eval": ("dinov2_repro.eval.cli", "linear probe, k-NN or fine-tuning of a backbone on labelled images"),
     "predict": ("dinov2_repro.eval.predict", "class probabilities of new images from an evaluated classifier"),
     "data": ("dinov2_repro.data.cli", "synthetic data (synth), mean/std (stats), what a folder holds (inspect)"),
+    "curate": ("dinov2_repro.curation.cli", "data curation: embed, dedup, decontaminate, cluster, sample"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),
     "config": ("dinov2_repro.config.cli", "list the presets, or show the resolved config of one (with overrides)"),
     "submit": ("dinov2_repro.distributed.submit", "submit training or evaluation to SLURM through submitit"),

@@ -1,0 +1,84 @@
+"""``dinov2-repro curate``: data curation as in DINOv2 (embeddings, copy detection, decontamination, clustering).
+
+  dinov2-repro curate embed --data DIR|CSV --backbone SPEC --out EMB [--split S] [--batch-size 64] [--shard-size 4096]
+  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.9] [--k 16] [--ivf-threshold 200000]
+
+Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder.
+Only --out folders are written; the data folders are read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _parser() -> argparse.ArgumentParser:
+    from .dedup import DEFAULT_K, DEFAULT_THRESHOLD
+    from .embed import SHARD_SIZE
+    from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD
+
+    parser = argparse.ArgumentParser(prog="dinov2-repro curate", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    embed = sub.add_parser("embed", help="L2-normalised CLS embeddings of every image, fp16 shards, resumable")
+    embed.add_argument("--data", required=True, help="image folder, Kaggle layout, CSV manifest, NIfTI or DICOM")
+    embed.add_argument("--backbone", required=True, help="backbone SPEC (run folder, weights file, random:ARCH/P)")
+    embed.add_argument("--out", required=True, help="output folder (resumes when it holds the same settings)")
+    embed.add_argument("--kind", default="auto", help="data.kind: auto | folder | class_folder | kaggle | csv | ...")
+    embed.add_argument("--split", default="", help="e.g. Training; for CSVs the value of the split column")
+    embed.add_argument("--crop-size", type=int, default=0, help="input side (default: the backbone's own)")
+    embed.add_argument("--batch-size", type=int, default=64)
+    embed.add_argument("--shard-size", type=int, default=SHARD_SIZE, help="images per shard (the resume unit)")
+    embed.add_argument("--num-workers", type=int, default=0, help="decoding processes")
+    embed.add_argument("--device", default="auto")
+    embed.add_argument("--no-progress", action="store_true")
+
+    dedup = sub.add_parser("dedup", help="exact and near duplicates (Faiss k-NN, cosine threshold), one kept per group")
+    dedup.add_argument("--embeddings", required=True, help="a folder written by `curate embed`")
+    dedup.add_argument("--out", required=True)
+    dedup.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
+    search_options(dedup, DEFAULT_K, IVF_THRESHOLD, DEFAULT_NPROBE)
+    dedup.add_argument("--no-figure", action="store_true", help="skip the PNG grid of example pairs")
+    return parser
+
+
+def search_options(parser: argparse.ArgumentParser, k: int, ivf_threshold: int, nprobe: int) -> None:
+    parser.add_argument("--k", type=int, default=k, help="neighbours searched per image")
+    parser.add_argument("--ivf-threshold", type=int, default=ivf_threshold,
+                        help="from this many vectors on, an IVF index replaces exact search")
+    parser.add_argument("--nlist", type=int, default=0, help="IVF lists (default about 4 sqrt(N))")
+    parser.add_argument("--nprobe", type=int, default=nprobe, help="IVF lists visited per query")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        return run(args)
+    except (FileNotFoundError, ValueError, RuntimeError, ImportError) as exc:
+        print(f"dinov2-repro curate {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+def run(args) -> int:
+    if args.command == "embed":
+        from .embed import embed_dataset
+
+        summary = embed_dataset(args.data, args.out, args.backbone, kind=args.kind, split=args.split,
+                                crop_size=args.crop_size, batch_size=args.batch_size, shard_size=args.shard_size,
+                                num_workers=args.num_workers, device=args.device, progress=not args.no_progress)
+        state = "complete" if summary["complete"] else "this rank's shards done, others pending"
+        print(f"embedded {summary['n_images']} images into {args.out} ({state}); "
+              f"{len(summary['skipped'])} unreadable file(s) skipped")
+        return 0
+    if args.command == "dedup":
+        from .dedup import run_dedup
+
+        run_dedup(args.embeddings, args.out, threshold=args.threshold, k=args.k, ivf_threshold=args.ivf_threshold,
+                  nprobe=args.nprobe, nlist=args.nlist, seed=args.seed, figure=not args.no_figure)
+        return 0
+    return 2
