@@ -6,9 +6,12 @@ Python API::
     from dinov2_repro.curation import embed_dataset, load_embeddings, run_dedup
     embed_dataset("data/", "emb/", "random:vit_small/14")
     run_dedup("emb/", "dedup/")                       # dedup/kept.csv is a manifest for train (data.kind=csv)
+    run_decontaminate("emb/", "test_data/", "clean/")  # clean/kept.csv: no copy of a test image left
 """
 
+from .decontaminate import contaminated, run_decontaminate
 from .dedup import DEFAULT_THRESHOLD, deduplicate, run_dedup
 from .embed import Embeddings, embed_dataset, load_embeddings
 
-__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "deduplicate", "embed_dataset", "load_embeddings", "run_dedup"]
+__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "contaminated", "deduplicate", "embed_dataset", "load_embeddings",
+           "run_decontaminate", "run_dedup"]

@@ -1,7 +1,8 @@
 """``dinov2-repro curate``: data curation as in DINOv2 (embeddings, copy detection, decontamination, clustering).
 
   dinov2-repro curate embed --data DIR|CSV --backbone SPEC --out EMB [--split S] [--batch-size 64] [--shard-size 4096]
-  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.9] [--k 16] [--ivf-threshold 200000]
+  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.96] [--k 16] [--ivf-threshold 200000]
+  dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.96]
 
 Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder.
 Only --out folders are written; the data folders are read.
@@ -42,6 +43,16 @@ def _parser() -> argparse.ArgumentParser:
     dedup.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
     search_options(dedup, DEFAULT_K, IVF_THRESHOLD, DEFAULT_NPROBE)
     dedup.add_argument("--no-figure", action="store_true", help="skip the PNG grid of example pairs")
+
+    decon = sub.add_parser("decontaminate", help="remove pretraining images that are copies of evaluation images")
+    decon.add_argument("--embeddings", required=True, help="the pretraining set's `curate embed` folder")
+    decon.add_argument("--against", required=True, help="evaluation data (embedded with the same backbone into "
+                                                        "OUT/against) or its `curate embed` folder")
+    decon.add_argument("--out", required=True)
+    decon.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
+    decon.add_argument("--ivf-threshold", type=int, default=IVF_THRESHOLD)
+    decon.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE)
+    decon.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -80,5 +91,11 @@ def run(args) -> int:
 
         run_dedup(args.embeddings, args.out, threshold=args.threshold, k=args.k, ivf_threshold=args.ivf_threshold,
                   nprobe=args.nprobe, nlist=args.nlist, seed=args.seed, figure=not args.no_figure)
+        return 0
+    if args.command == "decontaminate":
+        from .decontaminate import run_decontaminate
+
+        run_decontaminate(args.embeddings, args.against, args.out, threshold=args.threshold,
+                          ivf_threshold=args.ivf_threshold, nprobe=args.nprobe, seed=args.seed)
         return 0
     return 2
