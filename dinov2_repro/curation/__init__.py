@@ -7,11 +7,14 @@ Python API::
     embed_dataset("data/", "emb/", "random:vit_small/14")
     run_dedup("emb/", "dedup/")                       # dedup/kept.csv is a manifest for train (data.kind=csv)
     run_decontaminate("emb/", "test_data/", "clean/")  # clean/kept.csv: no copy of a test image left
+    run_cluster("emb/", "clusters/", ks=(100, 10), subset="clean/kept.csv")
+    run_sample("clusters/", "sample/", size=5000)      # sample/sampled.csv: balanced manifest for train
 """
 
+from .cluster import balanced_sample, hierarchical_kmeans, run_cluster, run_sample
 from .decontaminate import contaminated, run_decontaminate
 from .dedup import DEFAULT_THRESHOLD, deduplicate, run_dedup
 from .embed import Embeddings, embed_dataset, load_embeddings
 
-__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "contaminated", "deduplicate", "embed_dataset", "load_embeddings",
-           "run_decontaminate", "run_dedup"]
+__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "balanced_sample", "contaminated", "deduplicate", "embed_dataset",
+           "hierarchical_kmeans", "load_embeddings", "run_cluster", "run_decontaminate", "run_dedup", "run_sample"]

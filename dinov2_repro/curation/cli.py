@@ -3,6 +3,8 @@
   dinov2-repro curate embed --data DIR|CSV --backbone SPEC --out EMB [--split S] [--batch-size 64] [--shard-size 4096]
   dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.96] [--k 16] [--ivf-threshold 200000]
   dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.96]
+  dinov2-repro curate cluster --embeddings EMB --out CLU [--ks 100,10] [--subset dedup/kept.csv] [--seed 0]
+  dinov2-repro curate sample --clusters CLU --size N --out DIR     (DIR/sampled.csv: train with data.kind=csv)
 
 Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder.
 Only --out folders are written; the data folders are read.
@@ -16,6 +18,7 @@ from typing import List, Optional
 
 
 def _parser() -> argparse.ArgumentParser:
+    from .cluster import DEFAULT_KS, DEFAULT_NITER, DEFAULT_RESAMPLING_STEPS
     from .dedup import DEFAULT_K, DEFAULT_THRESHOLD
     from .embed import SHARD_SIZE
     from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD
@@ -53,6 +56,23 @@ def _parser() -> argparse.ArgumentParser:
     decon.add_argument("--ivf-threshold", type=int, default=IVF_THRESHOLD)
     decon.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE)
     decon.add_argument("--seed", type=int, default=0)
+
+    cluster = sub.add_parser("cluster", help="hierarchical k-means with resampling (Vo et al. 2024) on Faiss")
+    cluster.add_argument("--embeddings", required=True, help="a folder written by `curate embed`")
+    cluster.add_argument("--out", required=True)
+    cluster.add_argument("--ks", default=",".join(map(str, DEFAULT_KS)), help="clusters per level, bottom first")
+    cluster.add_argument("--resampling-steps", type=int, default=DEFAULT_RESAMPLING_STEPS)
+    cluster.add_argument("--resample-size", type=int, default=0,
+                         help="members per cluster in a resampling step (0: a quarter of the mean cluster size)")
+    cluster.add_argument("--niter", type=int, default=DEFAULT_NITER, help="k-means iterations")
+    cluster.add_argument("--subset", default=None, help="cluster only the paths of this manifest (dedup's kept.csv)")
+    cluster.add_argument("--seed", type=int, default=0)
+
+    sample = sub.add_parser("sample", help="balanced hierarchical sampling to a target size; writes a manifest")
+    sample.add_argument("--clusters", required=True, help="a folder written by `curate cluster`")
+    sample.add_argument("--size", type=int, required=True, help="images to keep")
+    sample.add_argument("--out", required=True)
+    sample.add_argument("--seed", type=int, default=0)
     return parser
 
 
@@ -97,5 +117,19 @@ def run(args) -> int:
 
         run_decontaminate(args.embeddings, args.against, args.out, threshold=args.threshold,
                           ivf_threshold=args.ivf_threshold, nprobe=args.nprobe, seed=args.seed)
+        return 0
+    if args.command == "cluster":
+        from .cluster import run_cluster
+
+        ks = [int(k) for k in args.ks.split(",") if k.strip()]
+        if not ks or min(ks) < 1:
+            raise ValueError(f"--ks {args.ks!r}: give clusters per level as positive integers, e.g. 100,10")
+        run_cluster(args.embeddings, args.out, ks=ks, resampling_steps=args.resampling_steps,
+                    resample_size=args.resample_size, seed=args.seed, niter=args.niter, subset=args.subset)
+        return 0
+    if args.command == "sample":
+        from .cluster import run_sample
+
+        run_sample(args.clusters, args.out, args.size, seed=args.seed)
         return 0
     return 2
