@@ -1,7 +1,7 @@
 """Calibrate `curate dedup`'s default cosine threshold on real photographs with planted copies.
 
-Distinct images: non-overlapping 112 px tiles (flat ones left out) of 16 photographs shipped with scikit-image, scikit-learn and
-matplotlib (short side shrunk to 336 px). Copies: each tile once resized, JPEG-recompressed, slightly cropped and
+Distinct images: non-overlapping 112 px tiles (flat ones left out) of 16 photographs shipped with scikit-image,
+scikit-learn and matplotlib (short side shrunk to 336 px). Copies: each tile once resized, JPEG-recompressed, slightly cropped and
 brightness-shifted (`dinov2_repro.curation.calibration`). Everything is embedded with the backbone SPEC, deduplicated
 at each threshold, and scored pair by pair (precision, recall); the cosine of every copy to its original and of
 every distinct tile to its nearest other tile is summarised too.

@@ -10,11 +10,13 @@ import pytest
 pytest.importorskip("faiss")
 
 from test_curation_dedup import TINY, shapes_image  # noqa: E402
+from test_engine_common import TINY as TINY_TRAIN  # noqa: E402
 
 from dinov2_repro.curation.cli import main  # noqa: E402
 from dinov2_repro.curation.cluster import (balanced_sample, hierarchical_kmeans, level_sizes,  # noqa: E402
                                            point_clusters, water_fill)
 from dinov2_repro.data.datasets import CsvDataset  # noqa: E402
+from dinov2_repro.train import engine  # noqa: E402
 
 SIZES = (3000, 600, 150, 60, 30)  # points per true component: 100x between the largest and the smallest
 
@@ -61,7 +63,7 @@ def test_balanced_sample_is_much_flatter_than_uniform_on_an_unequal_mixture():
     assert balanced.std() <= uniform.std() / 3
 
 
-def test_cluster_and_sample_cli_write_a_manifest_train_reads(tmp_path):
+def test_cluster_and_sample_cli_write_a_manifest_that_pretrains(tmp_path):
     images = tmp_path / "images"
     images.mkdir()
     for i in range(24):
@@ -78,3 +80,7 @@ def test_cluster_and_sample_cli_write_a_manifest_train_reads(tmp_path):
     with open(tmp_path / "clu" / "clusters.csv") as handle:
         assert list(csv.DictReader(handle))[0].keys() == {"path", "label", "level1", "level2"}
     assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--ks", "0"]) == 2
+    manifest = tmp_path / "s" / "sampled.csv"
+    assert engine.main(["--output-dir", str(tmp_path / "run"), *TINY_TRAIN, f"data.path={manifest}", "data.kind=csv",
+                        "train.max_iterations=2"]) == 0
+    assert (tmp_path / "run" / "export").is_dir()
