@@ -1,8 +1,8 @@
 """``dinov2-repro curate``: data curation as in DINOv2 (embeddings, copy detection, decontamination, clustering).
 
   dinov2-repro curate embed --data DIR|CSV --backbone SPEC --out EMB [--split S] [--batch-size 64] [--shard-size 4096]
-  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.96] [--k 16] [--ivf-threshold 200000]
-  dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.96]
+  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.98] [--k 16] [--ivf-threshold 200000]
+  dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.98]
   dinov2-repro curate cluster --embeddings EMB --out CLU [--ks 100,10] [--subset dedup/kept.csv] [--seed 0]
   dinov2-repro curate sample --clusters CLU --size N --out DIR     (DIR/sampled.csv: train with data.kind=csv)
 

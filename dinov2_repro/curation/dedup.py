@@ -22,7 +22,7 @@ import numpy as np
 
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
 
-DEFAULT_THRESHOLD = 0.96  # calibration: docs/curation.md (backbone-specific; the report grid helps choose)
+DEFAULT_THRESHOLD = 0.98  # calibration: docs/curation.md (backbone-specific; the report grid helps choose)
 DEFAULT_K = 16
 
 
