@@ -223,6 +223,8 @@ def embed_dataset(data: str, out_dir, backbone: str = "random:vit_small/14", *, 
     world_size = env.world_size if world_size is None else int(world_size)
     out_dir = Path(out_dir)
     device = environment_device(device)
+    if device == "cuda" and env.local_world_size > 1:
+        device = f"cuda:{env.local_rank}"  # one GPU per rank of a node, as torchrun lays them out
     if model is None:
         model, info = load_backbone(backbone, device=device)
     info = info or describe_module(model)
