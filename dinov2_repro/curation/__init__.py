@@ -9,12 +9,15 @@ Python API::
     run_decontaminate("emb/", "test_data/", "clean/")  # clean/kept.csv: no copy of a test image left
     run_cluster("emb/", "clusters/", ks=(100, 10), subset="clean/kept.csv")
     run_sample("clusters/", "sample/", size=5000)      # sample/sampled.csv: balanced manifest for train
+    run_retrieve("emb_seed/", "emb/", "retrieved/", k=4)  # pool images near a curated seed set
 """
 
 from .cluster import balanced_sample, hierarchical_kmeans, run_cluster, run_sample
 from .decontaminate import contaminated, run_decontaminate
 from .dedup import DEFAULT_THRESHOLD, deduplicate, run_dedup
 from .embed import Embeddings, embed_dataset, load_embeddings
+from .retrieve import retrieve_clusters, retrieve_knn, run_retrieve
 
 __all__ = ["DEFAULT_THRESHOLD", "Embeddings", "balanced_sample", "contaminated", "deduplicate", "embed_dataset",
-           "hierarchical_kmeans", "load_embeddings", "run_cluster", "run_decontaminate", "run_dedup", "run_sample"]
+           "hierarchical_kmeans", "load_embeddings", "retrieve_clusters", "retrieve_knn", "run_cluster",
+           "run_decontaminate", "run_dedup", "run_retrieve", "run_sample"]

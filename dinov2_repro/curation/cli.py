@@ -5,6 +5,7 @@
   dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.98]
   dinov2-repro curate cluster --embeddings EMB --out CLU [--ks 100,10] [--subset dedup/kept.csv] [--seed 0]
   dinov2-repro curate sample --clusters CLU --size N --out DIR     (DIR/sampled.csv: train with data.kind=csv)
+  dinov2-repro curate retrieve --queries EMB_Q --pool EMB_P --out DIR [--k 4] [--clusters CLU_P --per-query M]
 
 Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder.
 Only --out folders are written; the data folders are read.
@@ -18,14 +19,18 @@ from typing import List, Optional
 
 
 def _parser() -> argparse.ArgumentParser:
-    from .cluster import DEFAULT_KS, DEFAULT_NITER, DEFAULT_RESAMPLING_STEPS
-    from .dedup import DEFAULT_K, DEFAULT_THRESHOLD
-    from .embed import SHARD_SIZE
-    from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD
-
     parser = argparse.ArgumentParser(prog="dinov2-repro curate", description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_embed(sub)
+    _add_copy_steps(sub)
+    _add_cluster_steps(sub)
+    _add_retrieve(sub)
+    return parser
+
+
+def _add_embed(sub) -> None:
+    from .embed import SHARD_SIZE
 
     embed = sub.add_parser("embed", help="L2-normalised CLS embeddings of every image, fp16 shards, resumable")
     embed.add_argument("--data", required=True, help="image folder, Kaggle layout, CSV manifest, NIfTI or DICOM")
@@ -40,11 +45,27 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--device", default="auto")
     embed.add_argument("--no-progress", action="store_true")
 
+
+def index_options(parser: argparse.ArgumentParser) -> None:
+    """--ivf-threshold, --nprobe and --seed of the Faiss index (see faiss_index.build_index)."""
+    from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD
+
+    parser.add_argument("--ivf-threshold", type=int, default=IVF_THRESHOLD,
+                        help="from this many vectors on, an IVF index replaces exact search")
+    parser.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE, help="IVF lists visited per query")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _add_copy_steps(sub) -> None:
+    from .dedup import DEFAULT_K, DEFAULT_THRESHOLD
+
     dedup = sub.add_parser("dedup", help="exact and near duplicates (Faiss k-NN, cosine threshold), one kept per group")
     dedup.add_argument("--embeddings", required=True, help="a folder written by `curate embed`")
     dedup.add_argument("--out", required=True)
     dedup.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
-    search_options(dedup, DEFAULT_K, IVF_THRESHOLD, DEFAULT_NPROBE)
+    dedup.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours searched per image")
+    dedup.add_argument("--nlist", type=int, default=0, help="IVF lists (default about 4 sqrt(N))")
+    index_options(dedup)
     dedup.add_argument("--no-figure", action="store_true", help="skip the PNG grid of example pairs")
 
     decon = sub.add_parser("decontaminate", help="remove pretraining images that are copies of evaluation images")
@@ -53,9 +74,11 @@ def _parser() -> argparse.ArgumentParser:
                                                         "OUT/against) or its `curate embed` folder")
     decon.add_argument("--out", required=True)
     decon.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
-    decon.add_argument("--ivf-threshold", type=int, default=IVF_THRESHOLD)
-    decon.add_argument("--nprobe", type=int, default=DEFAULT_NPROBE)
-    decon.add_argument("--seed", type=int, default=0)
+    index_options(decon)
+
+
+def _add_cluster_steps(sub) -> None:
+    from .cluster import DEFAULT_KS, DEFAULT_NITER, DEFAULT_RESAMPLING_STEPS
 
     cluster = sub.add_parser("cluster", help="hierarchical k-means with resampling (Vo et al. 2024) on Faiss")
     cluster.add_argument("--embeddings", required=True, help="a folder written by `curate embed`")
@@ -73,16 +96,19 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--size", type=int, required=True, help="images to keep")
     sample.add_argument("--out", required=True)
     sample.add_argument("--seed", type=int, default=0)
-    return parser
 
 
-def search_options(parser: argparse.ArgumentParser, k: int, ivf_threshold: int, nprobe: int) -> None:
-    parser.add_argument("--k", type=int, default=k, help="neighbours searched per image")
-    parser.add_argument("--ivf-threshold", type=int, default=ivf_threshold,
-                        help="from this many vectors on, an IVF index replaces exact search")
-    parser.add_argument("--nlist", type=int, default=0, help="IVF lists (default about 4 sqrt(N))")
-    parser.add_argument("--nprobe", type=int, default=nprobe, help="IVF lists visited per query")
-    parser.add_argument("--seed", type=int, default=0)
+def _add_retrieve(sub) -> None:
+    retrieve = sub.add_parser("retrieve", help="pool images close to a curated query set (k-NN, or whole clusters)")
+    retrieve.add_argument("--queries", required=True, help="`curate embed` folder of the curated (seed) images")
+    retrieve.add_argument("--pool", required=True, help="`curate embed` folder of the uncurated pool")
+    retrieve.add_argument("--out", required=True)
+    retrieve.add_argument("--k", type=int, default=4, help="neighbours per query (k-NN mode)")
+    retrieve.add_argument("--min-cosine", type=float, default=-1.0,
+                          help="k-NN mode: keep neighbours at least this close")
+    retrieve.add_argument("--clusters", default=None, help="cluster mode: a `curate cluster` folder of the whole pool")
+    retrieve.add_argument("--per-query", type=int, default=0, help="cluster mode: images per query (0: the cluster)")
+    index_options(retrieve)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -131,5 +157,12 @@ def run(args) -> int:
         from .cluster import run_sample
 
         run_sample(args.clusters, args.out, args.size, seed=args.seed)
+        return 0
+    if args.command == "retrieve":
+        from .retrieve import run_retrieve
+
+        run_retrieve(args.queries, args.pool, args.out, k=args.k, min_cosine=args.min_cosine,
+                     clusters_dir=args.clusters, per_query=args.per_query, ivf_threshold=args.ivf_threshold,
+                     nprobe=args.nprobe, seed=args.seed)
         return 0
     return 2

@@ -18,7 +18,7 @@ one process (multi-rank assignment with torch.distributed is not implemented).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -181,28 +181,36 @@ def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS, resamplin
     return params
 
 
+def read_clusters(cluster_dir) -> Tuple[List[str], np.ndarray, List[int]]:
+    """(paths, clusters (N, L) int64 per level, labels) of a ``cluster`` folder's ``clusters.csv``."""
+    from pathlib import Path
+
+    from .embed import read_csv_rows
+
+    rows = read_csv_rows(Path(cluster_dir) / "clusters.csv")
+    levels = sorted((c for c in rows[0] if c.startswith("level")), key=lambda c: int(c[5:])) if rows else []
+    clusters = np.array([[int(r[c]) for c in levels] for r in rows], dtype=np.int64).reshape(len(rows), len(levels))
+    return [r["path"] for r in rows], clusters, [int(r["label"]) for r in rows]
+
+
 def run_sample(cluster_dir, out_dir, size: int, *, seed: int = 0, log=print) -> Dict[str, Any]:
     """`balanced_sample` of ``size`` images from a ``cluster`` folder; writes ``sampled.csv`` (a manifest for
     train, data.kind=csv) and ``params.json`` (images per top-level cluster before and after)."""
     import json
     from pathlib import Path
 
-    from .embed import read_csv_rows
     from .manifest import write_manifest, write_params
 
     cluster_dir, out_dir = Path(cluster_dir), Path(out_dir)
-    rows = read_csv_rows(cluster_dir / "clusters.csv")
-    levels = sorted((c for c in rows[0] if c.startswith("level")), key=lambda c: int(c[5:])) if rows else []
-    clusters = np.array([[int(r[c]) for c in levels] for r in rows], dtype=np.int64).reshape(len(rows), len(levels))
+    paths, clusters, labels = read_clusters(cluster_dir)
     chosen = balanced_sample(clusters, size, seed)
     classes = json.loads((cluster_dir / "params.json").read_text(encoding="utf-8")).get("classes") or []
-    write_manifest(out_dir / "sampled.csv", [rows[i]["path"] for i in chosen], [int(rows[i]["label"]) for i in chosen],
-                   classes)
-    top = clusters[:, -1] if len(levels) else np.zeros(len(rows), np.int64)
+    write_manifest(out_dir / "sampled.csv", [paths[i] for i in chosen], [labels[i] for i in chosen], classes)
+    top = clusters[:, -1] if clusters.shape[1] else np.zeros(len(paths), np.int64)
     before, after = np.bincount(top), np.bincount(top[chosen], minlength=len(np.bincount(top)))
-    params = dict(clusters=str(cluster_dir), size=int(size), seed=int(seed), n=len(rows), n_sampled=len(chosen),
+    params = dict(clusters=str(cluster_dir), size=int(size), seed=int(seed), n=len(paths), n_sampled=len(chosen),
                   top_level_before=before.tolist(), top_level_after=after.tolist())
     write_params(out_dir, "sample", params)
-    log(f"[sample] {len(chosen)} of {len(rows)} images -> {out_dir / 'sampled.csv'}; per top-level cluster "
+    log(f"[sample] {len(chosen)} of {len(paths)} images -> {out_dir / 'sampled.csv'}; per top-level cluster "
         f"before {before.tolist()[:10]}, after {after.tolist()[:10]}")
     return params
