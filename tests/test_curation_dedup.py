@@ -126,3 +126,22 @@ def test_dedup_cli_finds_the_planted_copies_and_writes_a_manifest_train_reads(pl
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "removed: 3 in 3 duplicate group(s)" in report and "![pairs](pairs.png)" in report
+
+
+def test_without_faiss_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from dinov2_repro.curation.faiss_index import require_faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install dinov2_repro\[faiss\]"):
+        require_faiss()
+    vectors, paths, hashes = planted_vectors()
+    with pytest.raises(ImportError, match="faiss"):
+        deduplicate(vectors, hashes, paths)
+
+
+def test_a_bad_backbone_spec_is_one_line(tmp_path, capsys):
+    assert main(["embed", "--data", str(tmp_path), "--backbone", "random:vit_nope/14", "--out",
+                 str(tmp_path / "emb")]) == 2
+    assert "vit_nope" in capsys.readouterr().err
