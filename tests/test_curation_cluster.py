@@ -80,6 +80,13 @@ def test_cluster_and_sample_cli_write_a_manifest_that_pretrains(tmp_path):
     with open(tmp_path / "clu" / "clusters.csv") as handle:
         assert list(csv.DictReader(handle))[0].keys() == {"path", "label", "level1", "level2"}
     assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "x"), "--ks", "0"]) == 2
+    half = tmp_path / "half.csv"  # --subset: only the images a manifest lists (dedup's kept.csv)
+    half.write_text("path\n" + "".join(f"{images / f'img{i:02d}.png'}\n" for i in range(0, 24, 2)))
+    assert main(["cluster", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "sub"), "--ks", "3",
+                 "--subset", str(half)]) == 0
+    with open(tmp_path / "sub" / "clusters.csv") as handle:
+        assert sorted(r["path"] for r in csv.DictReader(handle)) == sorted(
+            str(images / f"img{i:02d}.png") for i in range(0, 24, 2))
     manifest = tmp_path / "s" / "sampled.csv"
     assert engine.main(["--output-dir", str(tmp_path / "run"), *TINY_TRAIN, f"data.path={manifest}", "data.kind=csv",
                         "train.max_iterations=2"]) == 0

@@ -87,3 +87,9 @@ def test_ranks_embed_disjoint_shards_that_add_up_to_the_single_run(images, tmp_p
     single, ranked = load_embeddings(tmp_path / "single"), load_embeddings(tmp_path / "ranked")
     assert np.array_equal(single.vectors, ranked.vectors) and single.paths == ranked.paths
     assert json.loads((tmp_path / "ranked" / "params.json").read_text())["n_shards"] == 3
+
+
+def test_a_relative_data_path_resumes_the_absolute_one(images, tmp_path, monkeypatch):
+    embed(images, tmp_path / "emb")
+    monkeypatch.chdir(images.parent)
+    assert embed(images.name, tmp_path / "emb")["shards_done"] == []

@@ -162,6 +162,9 @@ def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS, resamplin
 
     emb = load_embeddings(embed_dir)
     rows = subset_rows(emb.paths, subset) if subset else np.arange(len(emb))
+    if not len(rows):
+        raise ValueError(f"nothing to cluster: {embed_dir} holds no embedding" + (f" of a path in {subset}" if subset
+                                                                                   else ""))
     levels = hierarchical_kmeans(emb.vectors[rows], ks, resampling_steps, resample_size, seed, niter)
     clusters = point_clusters(levels)
     out_dir = Path(out_dir)

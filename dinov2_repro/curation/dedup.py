@@ -149,7 +149,8 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
     write_csv_atomic(Path(out_dir) / "groups.csv", ["group", "path", "kept", "cosine_to_kept"],
                      group_rows(result, emb.vectors, emb.paths))
     params = dict(result.params, embeddings=str(embed_dir), k=int(k), seed=int(seed), n_kept=len(kept),
-                  n_removed=result.n_removed, n_groups=int(result.group.max() + 1), skipped=len(emb.skipped))
+                  n_removed=result.n_removed, n_groups=int(result.group.max(initial=-1) + 1),
+                  skipped=len(emb.skipped))
     examples = example_pairs(result.pairs, result.similarity, threshold) if figure else []
     if examples:
         dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])

@@ -133,7 +133,7 @@ def embed_params(data: str, kind: str, split: str, dataset, info: Dict[str, Any]
     """Everything the embeddings depend on (JSON-able); a resume into the same folder must match it."""
     backbone = {k: info.get(k) for k in ("spec", "weights_sha1", "embed_dim", "patch_size", "module_class")}
     n = len(dataset)
-    return dict(version=1, data=str(data), kind=kind, split=split or "", n_images=n,
+    return dict(version=1, data=str(Path(data).expanduser().resolve()), kind=kind, split=split or "", n_images=n,
                 images_sha1=image_list_sha1(dataset.samples), classes=list(dataset.classes), backbone=backbone,
                 transform=transform.describe(), shard_size=int(shard_size), n_shards=max(1, -(-n // shard_size)),
                 dtype="float16")
