@@ -93,3 +93,14 @@ def test_a_relative_data_path_resumes_the_absolute_one(images, tmp_path, monkeyp
     embed(images, tmp_path / "emb")
     monkeypatch.chdir(images.parent)
     assert embed(images.name, tmp_path / "emb")["shards_done"] == []
+
+
+def test_volume_slices_are_embedded_one_by_one(tmp_path):
+    pytest.importorskip("nibabel")
+    from test_data_volumes import NZ, pattern, save
+
+    save(pattern(), np.eye(4), tmp_path / "volumes" / "scan.nii.gz")
+    summary = embed(tmp_path / "volumes", tmp_path / "emb")
+    emb = load_embeddings(tmp_path / "emb")
+    assert summary["complete"] and len(emb) == NZ - 3  # the three empty slices are skipped by the dataset
+    assert all("scan.nii.gz::axial=" in p for p in emb.paths) and len(set(emb.hashes)) == NZ - 3
