@@ -32,12 +32,12 @@ def example_pairs(pairs: np.ndarray, sims: np.ndarray, threshold: float,
 
 def pairs_figure(path, dataset, samples: Sequence[int], examples, threshold: float) -> Path:
     """A PNG with one row per example pair (images of rows i and j), titled with their cosine similarity."""
-    import matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # object API: no pyplot, no global backend switch
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(examples), 2, figsize=(4.4, 2.2 * len(examples)), squeeze=False)
+    fig = Figure(figsize=(4.4, 2.2 * len(examples)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(examples), 2, squeeze=False)
     for (i, j, sim), row in zip(examples, axes):
         for ax, r in zip(row, (i, j)):
             image = dataset.load_image(samples[r])
@@ -46,10 +46,9 @@ def pairs_figure(path, dataset, samples: Sequence[int], examples, threshold: flo
             ax.set_xticks([]), ax.set_yticks([])
             ax.set_xlabel(Path(dataset.samples[samples[r]][0]).name[-28:], fontsize=6)
         verdict = "duplicate" if sim >= threshold else "kept apart"
-        row[0].set_title(f"cos {sim:.3f}: {verdict}", fontsize=8, loc="left")
+        row[0].set_title(f"cos {sim:.4f}: {verdict}", fontsize=8, loc="left")
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=90))
-    plt.close(fig)
     return Path(path)
 
 
