@@ -30,12 +30,12 @@ setup(
         "pydicom",  # DICOM series (data.kind=dicom)
     ],
     extras_require={
-        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image",
+        "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image", "faiss-cpu",
                 "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],
         "dicom": ["pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],  # compressed DICOM (JPEG, JPEG 2000)
         "benchmarks": ["scikit-image"],  # benchmarks/learning.py's real-image sets
         "xformers": ["xformers"],
-        "faiss": ["faiss-cpu"],
+        "faiss": ["faiss-cpu"],  # data curation (dinov2-repro curate) and the k-NN faiss backend
         "tensorboard": ["tensorboard"],
     },
     entry_points={"console_scripts": ["dinov2-repro=dinov2_repro.cli:main"]},

@@ -18,6 +18,7 @@ SUBCOMMANDS = {
     "predict": ("dinov2_repro.eval.predict", "class probabilities of new images from an evaluated classifier"),
     "data": ("dinov2_repro.data.cli", "synthetic data (synth), mean/std (stats), what a folder holds (inspect)"),
     "viz": ("dinov2_repro.viz.cli", "attention maps and patch-feature PCA of a backbone (beside a random one)"),
+    "curate": ("dinov2_repro.curation.cli", "data curation: embed, dedup, decontaminate, cluster, sample, retrieve"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),
     "config": ("dinov2_repro.config.cli", "list the presets, or show the resolved config of one (with overrides)"),
     "submit": ("dinov2_repro.distributed.submit", "submit training or evaluation to SLURM through submitit"),

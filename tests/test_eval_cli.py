@@ -189,3 +189,21 @@ def test_linear_and_knn_share_features_without_being_told(data, tmp_path, monkey
     log_text = (tmp_path / "b" / "eval.log").read_text()
     assert log_text.count("cache hit") == 3 and str(tmp_path / "cache" / "features") in log_text  # train, val, test
     assert not (tmp_path / "a" / "feature_cache").exists() and not list(data.rglob("*.pt"))  # data left alone
+
+
+def test_report_counts_test_images_whose_embedding_copies_a_training_image(tmp_path):
+    root = make_dataset(tmp_path / "data", n_train=6, n_test=2)
+    rng = np.random.default_rng(1)
+    for k, level in enumerate(LEVELS):  # test images unlike the training ones: a bright square on the class level
+        pixels = np.clip(level + rng.normal(0, 2, (36, 36)), 0, 255).astype(np.uint8)
+        pixels[4:20, 4:20] = 255 - level
+        Image.fromarray(pixels, mode="L").save(root / "Testing" / f"class{k}" / "square.png")
+    (root / "Testing" / "class1" / "leaked.png").write_bytes((root / "Training" / "class1" / "3.png").read_bytes())
+    out = tmp_path / "knn"
+    assert main(["knn", "--backbone", TINY, "--data", str(root), "--output-dir", str(out), *FAST,
+                 "data.dedup_cosine=0.9999"]) == 0
+    embedding = json.loads((out / "metrics.json").read_text())["dedup"]["embedding"]
+    names = [p.rsplit("/", 2)[-2] + "/" + p.rsplit("/", 1)[-1] for p in embedding["duplicates"]]
+    assert "class1/leaked.png" in names and not any(n.endswith("square.png") for n in names)
+    assert embedding["min_cosine"] == 0.9999 and embedding["n_duplicates"] == len(names)
+    assert f"Embedding copies: {len(names)} of 10 test images" in (out / "report.md").read_text()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dinov2_repro.eval.features import FeatureSet
-from dinov2_repro.eval.knn import _faiss_available, effective_ks, knn_probabilities, select_k
+from dinov2_repro.eval.knn import _faiss_available, effective_ks, knn_probabilities, nearest_neighbours, select_k
 from dinov2_repro.eval.runner import knn_run
 
 
@@ -71,3 +71,13 @@ def test_knn_run_separable_is_perfect_and_random_labels_are_chance():
              for s, n in (("train", 400), ("val", 100), ("test", 400))}
     result = knn_run(noise, list("abcd"), cfg, 1.0, 0)
     assert abs(result["test"]["accuracy"] - 0.25) < 0.1  # 400 test images: std ~0.022
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_nearest_neighbours_are_the_most_similar_reference_rows(backend):
+    reference = torch.tensor([[1.0, 0.0], [0.0, 2.0], [1.0, 1.0]])
+    query = torch.tensor([[0.0, 5.0], [3.0, 2.9], [2.0, 0.1]])
+    cosine, index = nearest_neighbours(reference, query, k=2, backend=backend)
+    assert index.tolist() == [[1, 2], [2, 0], [0, 2]]
+    assert cosine[:, 0].tolist() == pytest.approx([1.0, 0.99994, 0.99875], abs=1e-4)
+    assert nearest_neighbours(reference, query, k=9, backend=backend)[1].shape == (3, 3)  # k clipped

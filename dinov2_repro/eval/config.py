@@ -38,6 +38,7 @@ class EvalDataConfig:
     num_workers: int = 2
     dedup_test: bool = True  # also report on the test split minus near-duplicates of training images
     dedup_max_distance: int = 8  # Hamming distance between 256-bit difference hashes (see eval/dedup.py)
+    dedup_cosine: float = 0.98  # CLS cosine of a copy (linear/knn; reported only): curate dedup's calibrated default
     group_regex: str = ""  # a patient id in each path (its first group, else the match): splits keep it together
     allow_group_overlap: bool = False  # a group in both training and test is an error unless this is true
     # volumes (NIfTI, DICOM), read as in pretraining: see the pretraining config's data section
@@ -157,6 +158,7 @@ def validate_eval_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     check("data.volume_axis", value("data.volume_axis") in VOLUME_AXES, f"must be one of {list(VOLUME_AXES)}")
     check("data.dicom_window", value("data.dicom_window") in DICOM_WINDOWS, f"must be one of {list(DICOM_WINDOWS)}")
     check("data.volume_min_foreground", 0.0 <= value("data.volume_min_foreground") <= 1.0, "must lie in [0, 1]")
+    check("data.dedup_cosine", -1.0 <= value("data.dedup_cosine") <= 1.0, "must lie in [-1, 1]")
     check("data.slice_spacing_mm", value("data.slice_spacing_mm") >= 0, "must be >= 0")
     check("data.val_split", not value("data.val_split") or value("data.val_split") != value("data.test_split"),
           "the validation split must differ from the test split (selection never looks at the test split)")

@@ -46,22 +46,41 @@ def _faiss_available() -> bool:
     return True
 
 
+def _search(backend: str):
+    """The top-k generator of ``backend`` ("torch", "faiss" or "auto": faiss when installed)."""
+    if backend == "auto":
+        backend = "faiss" if _faiss_available() else "torch"
+    if backend == "faiss" and not _faiss_available():
+        raise ImportError("knn.backend=faiss but faiss is not installed (pip install faiss-cpu), or use torch")
+    return _topk_faiss if backend == "faiss" else _topk_torch
+
+
+@torch.no_grad()
+def nearest_neighbours(reference: Tensor, query: Tensor, k: int = 1, backend: str = "auto",
+                       chunk_size: int = 1024) -> Tuple[Tensor, Tensor]:
+    """(cosine (N_query, k), reference index (N_query, k)) of each query row's ``k`` most similar reference rows;
+    both sets are L2-normalised here. ``k`` is clipped to the reference size."""
+    reference = F.normalize(reference.float(), dim=1)
+    query = F.normalize(query.float().to(reference.device), dim=1)
+    k = max(1, min(int(k), reference.shape[0]))
+    parts = list(_search(backend)(reference, query, k, chunk_size))
+    if not parts:
+        return torch.zeros(0, k), torch.zeros(0, k, dtype=torch.long)
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]).long()
+
+
 @torch.no_grad()
 def knn_probabilities(train_features: Tensor, train_labels: Tensor, query_features: Tensor, ks: Sequence[int],
                       n_classes: int, temperature: float = 0.07, chunk_size: int = 1024,
                       backend: str = "torch") -> Dict[int, Tensor]:
     """{k: class probabilities (N_query, C)} of the weighted k-NN vote, for every k in ``ks`` (<= N_train)."""
-    if backend == "auto":
-        backend = "faiss" if _faiss_available() else "torch"
-    if backend == "faiss" and not _faiss_available():
-        raise ImportError("knn.backend=faiss but faiss is not installed (pip install faiss-cpu), or use torch")
+    search = _search(backend)
     train = F.normalize(train_features.float(), dim=1)
     query = F.normalize(query_features.float().to(train.device), dim=1)
     labels = train_labels.to(train.device)
     ks = [int(k) for k in ks]
     if max(ks) > train.shape[0]:
         raise ValueError(f"k = {max(ks)} exceeds the {train.shape[0]} training samples; clip it (effective_ks)")
-    search = _topk_faiss if backend == "faiss" else _topk_torch
     chunks: Dict[int, List[Tensor]] = {k: [] for k in ks}
     for sims, idx in search(train, query, max(ks), chunk_size):  # both (chunk, max_k), most similar first
         weights = (sims / temperature).exp()

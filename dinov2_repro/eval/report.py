@@ -259,6 +259,11 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
         d = result["dedup"]
         lines += [f"Near-duplicates: {d['n_duplicates']} of {d['n_test']} test images have a training image within "
                   f"{d['max_distance']} bits (256-bit difference hash).", ""]
+        if d.get("embedding"):
+            e = d["embedding"]
+            lines += [f"Embedding copies: {e['n_duplicates']} of {d['n_test']} test images have a training image at "
+                      f"CLS cosine >= {e['min_cosine']} (`curate dedup`'s copy detection; counted, not removed above; "
+                      f"highest cosine {e['max_cosine']}).", ""]
     main = result["runs"][result["main_run"]]
     lines += [f"## Main run (train fraction {main['fraction']:.0%}, seed {main['seed']}, {main['n_train']} "
               f"training images)", ""]

@@ -241,6 +241,17 @@ def evaluate(mode: str, cfg, data_path, output_dir, *, spec: Optional[str] = Non
         raise
 
 
+def _embedding_copies(features, min_cosine: float, backend: str) -> Dict[str, Any]:
+    """Test images whose final CLS token has cosine >= ``min_cosine`` with a train or val image's."""
+    from .dedup import embedding_near_duplicates
+
+    reference = torch.cat([features["train"].knn_input(), features["val"].knn_input()])
+    is_dup, cosine = embedding_near_duplicates(reference, features["test"].knn_input(), min_cosine, backend)
+    paths = sorted(p for p, d in zip(features["test"].paths, is_dup.tolist()) if d)
+    return dict(min_cosine=min_cosine, n_duplicates=len(paths), duplicates=paths,
+                max_cosine=round(float(cosine.max()), 4) if len(cosine) else None)
+
+
 def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: Dict[str, Any], device, log,
               start: float) -> Dict[str, Any]:
     from omegaconf import OmegaConf
@@ -276,16 +287,17 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
                 n_last_blocks=int(cfg.features.n_last_blocks), batch_size=int(cfg.data.batch_size),
                 num_workers=workers, device=device, precision=cfg.features.precision, progress=bool(cfg.progress),
                 log=log)
-        duplicate_paths = dedup_info = None
+        duplicate_paths = embedding_copies = None
         if cfg.data.dedup_test:
             reference = torch.cat([features["train"].dhash, features["val"].dhash])
             is_dup, _ = near_duplicates(reference, features["test"].dhash, int(cfg.data.dedup_max_distance))
             duplicate_paths = {p for p, d in zip(features["test"].paths, is_dup.tolist()) if d}
+            embedding_copies = _embedding_copies(features, float(cfg.data.dedup_cosine), str(cfg.knn.backend))
         runs = evaluate_features(mode, features, splits.classes, cfg, device=device, duplicate_paths=duplicate_paths,
                                  log=log, groups=splits.groups)
         skipped = sorted({p for f in features.values() for p in f.skipped})
     else:
-        duplicate_paths = None
+        duplicate_paths = embedding_copies = None  # fine-tuning extracts no frozen features to compare
         if cfg.data.dedup_test:
             hashes = {name: cached_image_hashes(getattr(splits, name), cache_dir, name, workers, bool(cfg.progress))
                       for name in ("train", "val", "test")}
@@ -298,9 +310,13 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
     dedup_info = None
     if duplicate_paths is not None:
         dedup_info = dict(n_test=len(splits.test), n_duplicates=len(duplicate_paths),
-                          max_distance=int(cfg.data.dedup_max_distance), duplicates=sorted(duplicate_paths))
+                          max_distance=int(cfg.data.dedup_max_distance), duplicates=sorted(duplicate_paths),
+                          embedding=embedding_copies)
         log(f"[data] {len(duplicate_paths)} of {len(splits.test)} test images have a near-duplicate in train/val "
             f"(difference hash within {cfg.data.dedup_max_distance} bits)")
+        if embedding_copies is not None:
+            log(f"[data] {embedding_copies['n_duplicates']} test images have a training image at CLS cosine >= "
+                f"{embedding_copies['min_cosine']} (embedding copy detection, reported only)")
     if mode == "linear":  # the main run's selected head, loadable by `dinov2-repro predict`
         from .classifier import CLASSIFIER_FILE, save_linear_classifier
 

@@ -1,0 +1,147 @@
+"""`curate dedup` (curation/dedup.py): exact and near duplicates, transitive groups, one representative each,
+the IVF path, and outputs that `train` reads."""
+
+import csv
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("faiss")
+
+from dinov2_repro.curation.calibration import COPY_KINDS, pair_scores, planted_copy  # noqa: E402
+from dinov2_repro.curation.cli import main  # noqa: E402
+from dinov2_repro.curation.dedup import components, deduplicate, exact_pairs  # noqa: E402
+from dinov2_repro.data.datasets import CsvDataset  # noqa: E402
+
+TINY = "random:vit_small/8,embed_dim=32,depth=2,num_heads=2,img_size=32,init_values=1"
+
+
+def unit(rows):
+    rows = np.asarray(rows, dtype=np.float32)
+    return rows / np.linalg.norm(rows, axis=1, keepdims=True)
+
+
+def rotated(base, angle):
+    """A unit vector at ``angle`` radians from ``base`` (unit), in the plane of base and a fixed other axis."""
+    other = np.zeros_like(base)
+    other[np.argmin(np.abs(base))] = 1.0
+    other = unit([other - (other @ base) * base])[0]
+    return np.cos(angle) * base + np.sin(angle) * other
+
+
+def planted_vectors(n_distinct=40, dim=32, seed=0):
+    """Distinct random unit vectors, then near copies of the first five (cosine 0.99), paths and hashes."""
+    rng = np.random.default_rng(seed)
+    base = unit(rng.normal(size=(n_distinct, dim)))
+    copies = unit(base[:5] + 0.1 * unit(rng.normal(size=(5, dim))))
+    vectors = np.concatenate([base, copies]).astype(np.float32)
+    paths = [f"/d/{i:03d}.png" for i in range(n_distinct)] + [f"/d/copy{i}.png" for i in range(5)]
+    return vectors, paths, [f"h{i}" for i in range(len(paths))]
+
+
+def test_exact_duplicates_by_content_hash():
+    assert exact_pairs(["a", "b", "a", "", "", "a"]).tolist() == [[0, 2], [0, 5]]  # "" = no hash, never paired
+
+
+def test_near_duplicates_are_grouped_with_one_representative_the_smallest_path():
+    vectors, paths, hashes = planted_vectors()
+    result = deduplicate(vectors, hashes, paths, threshold=0.9, k=4)
+    assert result.n_removed == 5 and not result.keep[40:].any()  # "/d/0xx" < "/d/copy"
+    assert set(np.flatnonzero(result.group >= 0).tolist()) == {0, 1, 2, 3, 4, 40, 41, 42, 43, 44}
+    assert all(result.group[i] == result.group[40 + i] for i in range(5))
+    assert result.params["index"]["kind"] == "IndexFlatIP"
+
+
+def test_groups_merge_transitively():
+    base = unit(np.eye(8)[:1] + 0.01)[0]
+    chain = unit([base, rotated(base, 0.35), rotated(base, 0.7)])  # neighbours at cos 0.94, ends at cos 0.76
+    others = unit(np.eye(8)[3:6])
+    vectors = np.concatenate([chain, others]).astype(np.float32)
+    assert vectors[0] @ vectors[2] < 0.9 < vectors[0] @ vectors[1]
+    paths = ["c.png", "a.png", "b.png", "x.png", "y.png", "z.png"]
+    result = deduplicate(vectors, ["1", "2", "3", "4", "5", "6"], paths, threshold=0.9, k=5)
+    assert result.group[:3].tolist() == [0, 0, 0] and (result.group[3:] == -1).all()
+    assert result.keep.tolist() == [False, True, False, True, True, True]
+
+
+def test_ivf_index_above_the_threshold_gives_the_flat_groups():
+    vectors, paths, hashes = planted_vectors(n_distinct=400, seed=1)
+    flat = deduplicate(vectors, hashes, paths, threshold=0.9, k=4)
+    ivf = deduplicate(vectors, hashes, paths, threshold=0.9, k=4, ivf_threshold=100, nprobe=64)
+    assert ivf.params["index"]["kind"] == "IndexIVFFlat"
+    assert ivf.params["index"]["nlist"] == 10 and ivf.params["index"]["nprobe"] == 10  # nprobe <= nlist
+    assert np.array_equal(ivf.group, flat.group) and np.array_equal(ivf.keep, flat.keep)
+
+
+def test_pair_scores_count_pairs():
+    assert pair_scores([0, 0, 1, 2], [0, 0, 1, 1]) == dict(precision=1.0, recall=0.5, n_true_pairs=2,
+                                                             n_found_pairs=1)
+    assert components(4, np.array([[0, 1], [1, 2]])).tolist() == [0, 0, 0, 1]
+
+
+def shapes_image(seed, size=64):
+    """A distinct test image: a few coloured rectangles on a coloured background."""
+    rng = np.random.default_rng(seed)
+    pixels = np.empty((size, size, 3), np.uint8)
+    pixels[:] = rng.integers(0, 256, 3)
+    for _ in range(4):
+        x, y = rng.integers(0, size - 16, 2)
+        w, h = rng.integers(8, 32, 2)
+        pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
+    return Image.fromarray(pixels)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory):
+    """12 distinct images, an exact copy of image 0, and planted copies of images 1-2; embedded once. The tiny random
+    backbone keeps resized and JPEG copies at cosine > 0.995 but cannot tell crops or brightness shifts from other
+    images (0.97 vs 0.986 for two distinct ones), so only those two edits are planted here."""
+    root = tmp_path_factory.mktemp("dedup")
+    images = root / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        shapes_image(i).save(images / f"img{i:02d}.png")
+    shapes_image(0).save(images / "zz_exact.png")
+    for i, kind in enumerate(COPY_KINDS[:2], start=1):
+        planted_copy(shapes_image(i), kind, rng).save(images / f"zz_{kind}{i:02d}.png")
+    assert main(["embed", "--data", str(images), "--backbone", TINY, "--out", str(root / "emb"),
+                 "--no-progress", "--batch-size", "8"]) == 0
+    return root
+
+
+def test_dedup_cli_finds_the_planted_copies_and_writes_a_manifest_train_reads(planted, tmp_path):
+    out = tmp_path / "dedup"
+    assert main(["dedup", "--embeddings", str(planted / "emb"), "--out", str(out), "--threshold", "0.995"]) == 0
+    kept = CsvDataset(out / "kept.csv")
+    names = sorted(p.rsplit("/", 1)[-1] for p, _ in kept.samples)
+    assert names == [f"img{i:02d}.png" for i in range(12)]
+    with open(out / "groups.csv") as handle:
+        groups = list(csv.DictReader(handle))
+    assert len({g["group"] for g in groups}) == 3 and sum(g["kept"] == "1" for g in groups) == 3
+    assert {g["path"].rsplit("/", 1)[-1] for g in groups if g["kept"] == "0"} == {
+        "zz_exact.png", "zz_resize01.png", "zz_jpeg02.png"}
+    for name in ("removed.csv", "report.md", "pairs.png", "params.json"):
+        assert (out / name).is_file(), name
+    report = (out / "report.md").read_text()
+    assert "removed: 3 in 3 duplicate group(s)" in report and "![pairs](pairs.png)" in report
+
+
+def test_without_faiss_the_error_says_what_to_install(monkeypatch):
+    import sys
+
+    from dinov2_repro.curation.faiss_index import require_faiss
+
+    monkeypatch.setitem(sys.modules, "faiss", None)  # as if not installed
+    with pytest.raises(ImportError, match=r"pip install dinov2_repro\[faiss\]"):
+        require_faiss()
+    vectors, paths, hashes = planted_vectors()
+    with pytest.raises(ImportError, match="faiss"):
+        deduplicate(vectors, hashes, paths)
+
+
+def test_a_bad_backbone_spec_is_one_line(tmp_path, capsys):
+    assert main(["embed", "--data", str(tmp_path), "--backbone", "random:vit_nope/14", "--out",
+                 str(tmp_path / "emb")]) == 2
+    assert "vit_nope" in capsys.readouterr().err
