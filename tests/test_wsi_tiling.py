@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("tifffile")
 
-from wsi_slides import draw_slide, write_slide  # noqa: E402
+from wsi_slides import draw_slide, write_test_slides  # noqa: E402
 
 from dinov2_repro.wsi import TileOptions, choose_level, open_slide, tile_slide, tile_slides, tissue_mask  # noqa: E402
 from dinov2_repro.wsi.levels import ResolutionError, target_downsample  # noqa: E402
@@ -29,11 +29,7 @@ def drawn():
 def slides(tmp_path_factory, drawn):
     """A folder with a tiled pyramid, a stripped one (openslide refuses it) and one without resolution tags."""
     folder = tmp_path_factory.mktemp("slides")
-    rgb = drawn[0]
-    levels = write_slide(folder / "tiled.tif", rgb, mpp=MPP)
-    write_slide(folder / "stripped.tif", rgb, mpp=MPP, tiled=False)
-    write_slide(folder / "nores.tif", rgb, mpp=None)
-    return folder, levels
+    return folder, write_test_slides(folder, drawn[0], MPP)
 
 
 def read_rows(path):

@@ -55,3 +55,12 @@ def write_slide(path, rgb: np.ndarray, mpp: float | None = 0.25, n_levels: int =
                 kwargs.update(resolution=(1e4 / (mpp * 2**k),) * 2, resolutionunit="CENTIMETER")
             writer.write(level, **kwargs)
     return levels
+
+
+def write_test_slides(folder, rgb: np.ndarray, mpp: float = 0.25):
+    """``folder`` with a tiled pyramid (tiled.tif), a stripped one that openslide refuses (stripped.tif) and one
+    without resolution tags (nores.tif); returns the levels of the pyramid."""
+    levels = write_slide(folder / "tiled.tif", rgb, mpp=mpp)
+    write_slide(folder / "stripped.tif", rgb, mpp=mpp, tiled=False)
+    write_slide(folder / "nores.tif", rgb, mpp=None)
+    return levels

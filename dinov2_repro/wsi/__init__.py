@@ -5,7 +5,8 @@
   tissue  - `tissue_mask`: HSV-saturation Otsu, white glass and pen ink excluded, clean-up, hole filling
   grid    - the tile grid and each tile's tissue fraction
   tiler   - `tile_slides`: coordinates CSV + thumbnail per slide, resumable, parallel across slides
-  cli     - ``dinov2-repro wsi tile``
+  tiles   - `WsiTileDataset` (``data.kind: wsi_tiles``): tiles read from the slides on access; `export_tiles`
+  cli     - ``dinov2-repro wsi tile`` and ``wsi export``
 
 The readers and scikit-image come with ``pip install dinov2_repro[wsi]`` and are imported only when used.
 """

@@ -2,10 +2,12 @@
 
   dinov2-repro wsi tile SLIDES... --out DIR [--mpp 0.5 | --magnification 20] [--tile-size 256] [--overlap 0]
                         [--min-tissue 0.6] [--workers 4]
+  dinov2-repro wsi export TABLES --out DIR      (PNG files of the tiles + DIR/tiles.csv for data.kind=csv)
 
 SLIDES are slide files or folders of them (searched recursively for the usual slide extensions). Per slide DIR gets
 ``<id>.tiles.csv`` (slide, level, x, y at level 0, size, tissue fraction, mpp), ``<id>.thumbnail.png`` and the
-``<id>.done.json`` marker; a run started again skips the finished slides.
+``<id>.done.json`` marker; a run started again skips the finished slides. Pretraining reads the tiles straight
+from the slides with ``data.kind=wsi_tiles data.path=DIR``; ``export`` is for those who want files.
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("--black-value", type=float, default=0.15, help="HSV value below this is black ink")
     tile.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
     tile.add_argument("--no-progress", action="store_true")
+    export = sub.add_parser("export", help="PNG files of the tiles of coordinates tables (resumable)")
+    export.add_argument("tables", help="a folder of *.tiles.csv (the --out of wsi tile) or one table")
+    export.add_argument("--out", required=True, help="output folder: <slide id>/<tile>.png and tiles.csv")
+    export.add_argument("--no-progress", action="store_true")
     return parser
 
 
@@ -89,6 +95,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "tile":
         return run_tile(args)
+    if args.command == "export":
+        from .tiles import export_tiles
+
+        summary = export_tiles(args.tables, args.out, progress=not args.no_progress)
+        print(f"{summary['n_tiles']} tiles in {args.out} ({summary['written']} written now, {summary['unreadable']} "
+              f"unreadable); manifest {summary['manifest']} (data.kind=csv, group = slide)")
+        return 0
     return 2
 
 
