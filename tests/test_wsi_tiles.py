@@ -65,7 +65,8 @@ def test_streamed_tiles_feed_a_short_pretraining(tiled, tmp_path):
     from dinov2_repro.train.engine import train
 
     tables, _ = tiled
-    cfg = tiny_cfg(f"data.path={tables}", "data.kind=wsi_tiles", "train.max_iterations=2")
+    cfg = tiny_cfg(f"data.path={tables}", "data.kind=wsi_tiles", "train.max_iterations=2",
+                   "data.augmentation=histology")
     assert train(cfg, tmp_path / "run")["iterations"] == 2
     assert f"data: wsi_tiles at {tables}" in (tmp_path / "run" / "train.log").read_text()
 

@@ -47,15 +47,16 @@ def target_downsample(slide_mpp: Optional[float], objective: Optional[float], mp
     if magnification is not None and objective is not None:
         return objective / magnification, None
     raise ResolutionError(f"{name}: the slide has no resolution metadata (neither openslide.mpp-x nor an objective "
-                          f"power), so {'--mpp' if mpp is not None else '--magnification'} cannot be honoured: pass --slide-mpp "
-                          f"with the scanner's microns per pixel")
+                          f"power), so {'--mpp' if mpp is not None else '--magnification'} cannot be honoured: "
+                          f"pass --slide-mpp with the scanner's microns per pixel")
 
 
 def choose_level(downsamples: Sequence[float], downsample: float, tile_size: int, slide_mpp: Optional[float] = None,
                  tolerance: float = 0.1) -> LevelChoice:
     """The level for a target ``downsample`` (from level 0): one within ``tolerance`` of it (the closest), else the
     coarsest level finer than it, read over ``round(tile_size * downsample / level downsample)`` pixels."""
-    close = [(abs(d / downsample - 1.0), i) for i, d in enumerate(downsamples) if abs(d / downsample - 1.0) <= tolerance]
+    errors = [abs(d / downsample - 1.0) for d in downsamples]
+    close = [(error, i) for i, error in enumerate(errors) if error <= tolerance]
     if close:
         level = min(close)[1]
         read_size = tile_size

@@ -146,7 +146,8 @@ def check_inputs(paths: Sequence[str], out: os.PathLike | str) -> None:
     out = Path(out).resolve()
     folders = {Path(p).resolve().parent for p in paths}
     if out in folders:
-        raise ValueError(f"--out {out} holds slides: choose a separate output folder (slide folders are not written to)")
+        raise ValueError(f"--out {out} holds slides: choose a separate output folder (slide folders are not "
+                         f"written to)")
 
 
 def tile_slides(paths: Sequence[os.PathLike | str], out: os.PathLike | str, options: TileOptions = TileOptions(),
