@@ -45,6 +45,14 @@ def test_streamed_tiles_equal_the_source_pixels_and_group_by_slide(tiled):
     assert not copy.handles.open and torch.equal(copy[0][0], dataset[0][0])
 
 
+def test_loader_workers_open_their_own_slide_handles(tiled):
+    tables, _ = tiled
+    dataset = WsiTileDataset(tables)
+    expected = torch.stack([dataset[i][0] for i in range(8)])  # handles opened here first, then forked
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(8)), batch_size=4, num_workers=2)
+    assert torch.equal(torch.cat([images for images, _ in loader]), expected)
+
+
 def test_a_resized_tile_and_a_missing_slide(tiled, tmp_path):
     tables, _ = tiled
     row = (tables / "tiled.tiles.csv").read_text().splitlines()

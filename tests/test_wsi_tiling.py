@@ -10,7 +10,7 @@ import pytest
 pytest.importorskip("skimage")
 pytest.importorskip("tifffile")
 
-from wsi_slides import draw_slide, write_test_slides  # noqa: E402
+from wsi_slides import GLASS, draw_slide, write_slide, write_test_slides  # noqa: E402
 
 from dinov2_repro.wsi import TileOptions, choose_level, open_slide, tile_slide, tile_slides, tissue_mask  # noqa: E402
 from dinov2_repro.wsi.levels import ResolutionError, target_downsample  # noqa: E402
@@ -134,3 +134,22 @@ def test_a_missing_reader_names_the_extra():
 
     with pytest.raises(ImportError, match=r"pip install dinov2_repro\[wsi\]"):
         require("no_such_slide_reader")
+
+
+def test_a_real_histology_image_embedded_in_a_slide(tmp_path):
+    """scikit-image's immunohistochemistry image (a real micrograph of colon tissue, DAB and haematoxylin) on glass:
+    the tissue found is within 10% of the image's area, and the tiles kept are the ones inside it."""
+    from skimage.data import immunohistochemistry
+
+    rgb = np.empty((2048, 3072, 3), np.uint8)
+    rgb[:] = GLASS
+    top, left, side = 512, 1024, 1024
+    rgb[top: top + side, left: left + side] = np.kron(immunohistochemistry(), np.ones((2, 2, 1), np.uint8))
+    write_slide(tmp_path / "ihc.tif", rgb, mpp=MPP)
+    summary = tile_slide(tmp_path / "ihc.tif", tmp_path / "out", TileOptions(mpp=0.5, **FAST))
+    truth = side * side / rgb[..., 0].size
+    assert abs(summary["tissue_fraction"] - truth) <= 0.1 * truth, (summary["tissue_fraction"], truth)
+    inside = [(x, y) for y in range(0, 2048 - 255, 256) for x in range(0, 3072 - 255, 256)
+              if left <= x and x + 256 <= left + side and top <= y and y + 256 <= top + side]
+    kept = {(int(r["x"]), int(r["y"])) for r in read_rows(tmp_path / "out" / "ihc.tiles.csv")}
+    assert kept == set(inside), (len(kept), len(inside))

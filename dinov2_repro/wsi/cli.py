@@ -54,7 +54,8 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("--reader", choices=("auto", "openslide", "tiffslide"), default="auto")
     tile.add_argument("--min-saturation", type=float, default=0.05, help="floor of the Otsu saturation threshold")
     tile.add_argument("--white", type=int, default=220, help="RGB above this in every channel is glass")
-    tile.add_argument("--pen-min-saturation", type=float, default=0.25, help="blue/green ink at least this saturated")
+    tile.add_argument("--max-gray", type=float, default=0.85, help="darker than this (0-1) is tissue, however pale")
+    tile.add_argument("--pen-min-saturation", type=float, default=0.4, help="blue/green ink at least this saturated")
     tile.add_argument("--black-value", type=float, default=0.15, help="HSV value below this is black ink")
     tile.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
     tile.add_argument("--no-progress", action="store_true")
@@ -69,7 +70,7 @@ def tile_options(args):
     from .tiler import TileOptions
     from .tissue import TissueParams
 
-    tissue = TissueParams(min_saturation=args.min_saturation, white_rgb=args.white,
+    tissue = TissueParams(min_saturation=args.min_saturation, max_gray=args.max_gray, white_rgb=args.white,
                           pen_min_saturation=args.pen_min_saturation, black_value=args.black_value)
     return TileOptions(tile_size=args.tile_size, overlap=args.overlap, min_tissue=args.min_tissue, mpp=args.mpp,
                        magnification=args.magnification, slide_mpp=args.slide_mpp,

@@ -184,8 +184,20 @@ def run_pool(paths: List[str], out: str, options: TileOptions, workers: int, pro
 
         # spawn: openslide's C library and threads are not fork-safe
         with ProcessPoolExecutor(min(workers, len(paths)), mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(tile_one_safely, path, out, options) for path in paths]
+            futures = {pool.submit(tile_one_safely, path, out, options): path for path in paths}
             for future in as_completed(futures):
-                yield future.result()
+                yield pool_result(future, futures[future])
                 bar.update(1)
     bar.close()
+
+
+def pool_result(future, path: str) -> Dict:
+    """The future's summary; a worker killed by a crash in a reader's C code fails its slides instead of the run
+    (they have no marker, so the next run tries them again)."""
+    from concurrent.futures.process import BrokenProcessPool
+
+    try:
+        return future.result()
+    except BrokenProcessPool as exc:
+        return {"slide": os.path.abspath(path), "slide_id": slide_id(path), "status": "failed",
+                "reason": f"the worker process died ({exc}); run again to retry"}

@@ -2,7 +2,8 @@
 excluded, then morphological clean-up and hole filling.
 
 Stained tissue is saturated (pink eosin, purple haematoxylin) and glass is white, so Otsu's threshold on the
-saturation of the non-pen pixels separates them. Pen marks are saturated too, so they are removed first by hue:
+saturation of the non-pen pixels separates them; pale grey tissue (an IHC counterstain) is caught by being darker
+than glass. Pen marks are saturated too, so they are removed first by hue:
 blue and green ink have hues that H&E never takes, black ink is dark. All thresholds live in `TissueParams`.
 """
 
@@ -21,9 +22,10 @@ class TissueParams:
     """Thresholds of `tissue_mask`; hues and saturations on skimage's [0, 1] HSV scale, RGB on 0..255."""
 
     min_saturation: float = 0.05  # the Otsu threshold is never below this (nearly blank slides)
+    max_gray: float = 0.85  # darker than this (rgb2gray) is tissue even when unsaturated (IHC counterstain); 0: off
     white_rgb: int = 220  # pixels with every channel above this are glass
     pen_hues: Tuple[Tuple[float, float], ...] = ((0.20, 0.45), (0.50, 0.70))  # green, blue ink
-    pen_min_saturation: float = 0.25
+    pen_min_saturation: float = 0.4  # ink is vivid; haematoxylin-blue nuclei stay below
     black_value: float = 0.15  # darker than this (HSV value) is black ink or debris
     pen_dilation: int = 2  # ink edges blend with tissue: grow the pen mask by this many pixels
     min_object_fraction: float = 0.0005  # tissue islands smaller than this fraction of the thumbnail are dropped
@@ -56,7 +58,8 @@ def tissue_mask(rgb: np.ndarray, params: TissueParams = TissueParams()) -> np.nd
     threshold = params.min_saturation
     if candidates.size and np.ptp(candidates) > 0:
         threshold = max(threshold, float(filters.threshold_otsu(candidates)))
-    mask = (sat > threshold) & ~white & ~pen
+    dark = color.rgb2gray(rgb) < params.max_gray
+    mask = ((sat > threshold) | dark) & ~white & ~pen
     return clean_mask(mask, params) & ~pen  # filling may close over ink lying on tissue: take it out again
 
 
