@@ -63,3 +63,13 @@ def test_histology_preset_gives_dinov2_shaped_crops_turned_and_flipped_reproduci
 def test_histology_preset_is_cpu_only():
     with pytest.raises(ConfigError, match="histology runs on the CPU"):
         tiny_cfg("data.augmentation=histology", "data.augmentation_device=cuda")
+
+
+def test_gray_and_pil_inputs_become_rgb():
+    from PIL import Image
+
+    augmentation = build_multicrop_augmentation(tiny_cfg("data.augmentation=histology"))
+    gray = he_like()[:1]
+    for image in (gray, Image.fromarray(he_like().permute(1, 2, 0).numpy())):
+        crops = augmentation(image, generator=torch.Generator().manual_seed(0))
+        assert crops["global_crops"][0].shape == (3, 32, 32)

@@ -17,8 +17,6 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .augmentations import to_uint8_chw
-
 HED_SCALE, HED_SHIFT = 0.05, 0.01
 VFLIP_P = 0.5
 
@@ -42,6 +40,18 @@ def hed_jitter(image: torch.Tensor, generator: Optional[torch.Generator] = None,
         record.update(hed_factors=factors.tolist(), hed_offsets=offsets.tolist())
     out = np.clip(rgb + change * 255.0 + 0.5, 0, 255).astype(np.uint8)
     return torch.from_numpy(np.ascontiguousarray(out.transpose(2, 0, 1)))
+
+
+def rgb_tensor(image) -> torch.Tensor:
+    """uint8 (3, H, W) from a uint8 (1|3, H, W) tensor or a PIL image (this module does not import augmentations,
+    which imports it)."""
+    if not isinstance(image, torch.Tensor):
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
+        image = pil_to_tensor(image.convert("RGB"))
+    if image.ndim == 2:
+        image = image[None]
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
 def turn_and_flip(crop: torch.Tensor, generator: Optional[torch.Generator], record: dict) -> torch.Tensor:
@@ -73,9 +83,7 @@ class HistologyAugmentation:
 
     def __call__(self, image, generator: Optional[torch.Generator] = None,
                  trace: Optional[List[dict]] = None) -> Dict[str, List[torch.Tensor]]:
-        image = to_uint8_chw(image)
-        if image.shape[0] == 1:
-            image = image.expand(3, -1, -1)
+        image = rgb_tensor(image)
         stain: dict = {"crop": "image"}
         image = hed_jitter(image.contiguous(), generator, self.hed_scale, self.hed_shift, stain)
         crops = self.base(image, generator=generator, trace=trace)
