@@ -31,7 +31,10 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-timeout", "transformers", "safetensors", "scikit-image", "faiss-cpu",
-                "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],
+                "pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg",
+                "openslide-python", "openslide-bin", "tiffslide"],
+        # whole-slide images (dinov2-repro wsi, data.kind=wsi_tiles): openslide with its own library, tiffslide
+        "wsi": ["openslide-python", "openslide-bin", "tiffslide", "scikit-image"],
         "dicom": ["pylibjpeg", "pylibjpeg-libjpeg", "pylibjpeg-openjpeg"],  # compressed DICOM (JPEG, JPEG 2000)
         "benchmarks": ["scikit-image"],  # benchmarks/learning.py's real-image sets
         "xformers": ["xformers"],

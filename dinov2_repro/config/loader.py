@@ -172,6 +172,8 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     one_of("data.kind", schema.DATA_KINDS)
     one_of("data.augmentation", schema.AUG_PRESETS)
     one_of("data.augmentation_device", schema.AUG_DEVICES)
+    if cfg.data.augmentation == "histology" and cfg.data.augmentation_device != "cpu":
+        fail("data.augmentation", "histology runs on the CPU only: set data.augmentation_device=cpu")
     if cfg.data.augmentation_max_side < 0:
         fail("data.augmentation_max_side", "must be >= 0 (0 keeps the decoded size)")
     one_of("data.blur_mode", schema.BLUR_MODES)

@@ -18,10 +18,11 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLELISMS = ("none", "ddp", "fsdp")
 DEVICES = ("auto", "cpu", "cuda")
 ATTN_BACKENDS = ("auto", "sdpa", "xformers")
-DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti", "dicom", "mixed")
+DATA_KINDS = ("auto", "folder", "class_folder", "kaggle", "csv", "synthetic", "nifti", "dicom", "mixed",
+              "wsi_tiles")
 VOLUME_AXES = ("axial", "coronal", "sagittal")
 DICOM_WINDOWS = ("percentile", "file", "brain", "subdural", "bone", "soft_tissue", "lung")
-AUG_PRESETS = ("dinov2", "mri")
+AUG_PRESETS = ("dinov2", "mri", "histology")
 AUG_DEVICES = ("cpu", "cuda")
 BLUR_MODES = ("paper", "as_released")
 NONFINITE_POLICIES = ("stop", "skip_batch")
@@ -122,7 +123,8 @@ class DataConfig:
     path: str = ""  # dataset root, CSV manifest, or synthetic output folder
     kind: str = "auto"
     split: str = ""  # e.g. "Training" for the Kaggle layout; "" = whole folder
-    augmentation: str = "dinov2"  # "mri" drops hue/saturation jitter and adds gamma and noise
+    augmentation: str = "dinov2"  # "mri" drops hue/saturation jitter and adds gamma and noise; "histology" adds
+    # H&E stain jitter and right-angle turns/vertical flips to the DINOv2 recipe (data/histology.py)
     augmentation_device: str = "cpu"  # cpu: per image in the loader workers; cuda: per batch on the GPU
     augmentation_max_side: int = 0  # augmentation_device=cuda: workers shrink images to this longer side (0: off)
     blur_mode: str = "paper"  # "as_released" reproduces the released checkpoints' inverted blur

@@ -290,6 +290,10 @@ DataAugmentationDINO = MultiCropAugmentation
 def build_multicrop_augmentation(cfg) -> MultiCropAugmentation:
     """The augmentation described by a config (``crops.*``, ``data.augmentation/blur_mode/mean/std``,
     ``student.patch_size``)."""
+    if str(cfg.data.augmentation) == "histology":  # the DINOv2 recipe plus stain jitter and right-angle turns
+        from .histology import histology_augmentation
+
+        return histology_augmentation(cfg, build_multicrop_augmentation)
     return MultiCropAugmentation(
         global_crops_scale=tuple(cfg.crops.global_crops_scale),
         local_crops_scale=tuple(cfg.crops.local_crops_scale),

@@ -122,10 +122,12 @@ def make_data_loader(dataset, batch_size: int, sampler, collate_fn: Optional[Cal
 
 def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
     """The concrete kind for ``data.kind`` ("auto" inspects the path): csv | kaggle | nifti | dicom | mixed |
-    class_folder | folder | synthetic."""
+    class_folder | folder | synthetic | wsi_tiles (coordinates tables of ``dinov2-repro wsi tile``)."""
     if kind != "auto":
         return kind
     p = Path(path)
+    if looks_like_tile_tables(p):
+        return "wsi_tiles"
     if p.suffix.lower() == ".csv":
         return "csv"
     if not p.exists():
@@ -139,6 +141,14 @@ def resolve_data_kind(path: str, kind: str = "auto", split: str = "") -> str:
     if looks_like_class_folder(p):
         return "class_folder"
     return "folder"
+
+
+def looks_like_tile_tables(path: Path) -> bool:
+    """A coordinates table of ``dinov2-repro wsi tile`` (``*.tiles.csv``) or a folder holding such tables."""
+    suffix = ".tiles.csv"  # dinov2_repro.wsi.tiler.TILES_SUFFIX, not imported: the data layer stays independent
+    if path.name.lower().endswith(suffix):
+        return True
+    return path.is_dir() and any(p.name.lower().endswith(suffix) for p in path.iterdir() if p.is_file())
 
 
 def volume_files_kind(path: Path) -> Optional[str]:
@@ -196,8 +206,12 @@ def build_image_dataset(path: str, kind: str = "auto", split: str = "", syntheti
 
         return mixed_folder_dataset(resolve_split_dir(path, split or None), data_cfg, transform=transform,
                                     labelled=labelled)
+    if kind == "wsi_tiles":
+        from ..wsi.tiles import WsiTileDataset
+
+        return WsiTileDataset(path, transform=transform)
     raise ValueError(f"data.kind={kind!r} is not one of auto, folder, class_folder, kaggle, csv, synthetic, nifti, "
-                     f"dicom, mixed")
+                     f"dicom, mixed, wsi_tiles")
 
 
 def describe_dataset(images: ImageFileDataset, path: str, kind: str) -> str:

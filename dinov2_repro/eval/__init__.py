@@ -5,7 +5,8 @@ Modules:
 - `data`: train / val / test splits of a labelled dataset (the validation split is always held out of train);
 - `features`: frozen-feature extraction with an on-disk cache;
 - `linear`, `knn`, `finetune`: the three protocols; `metrics`, `report`: what they write;
-- `config`: the typed evaluation config; `cli`: ``dinov2-repro eval linear|knn|finetune``.
+- `config`: the typed evaluation config; `cli`: ``dinov2-repro eval linear|knn|finetune``;
+- `mil`: gated attention-MIL (slide = bag of tile embeddings), not yet wired into a command.
 
 Nothing heavy is imported here.
 """

@@ -1,0 +1,110 @@
+"""``dinov2-repro wsi``: whole-slide tiling.
+
+  dinov2-repro wsi tile SLIDES... --out DIR [--mpp 0.5 | --magnification 20] [--tile-size 256] [--overlap 0]
+                        [--min-tissue 0.6] [--workers 4]
+  dinov2-repro wsi export TABLES --out DIR      (PNG files of the tiles + DIR/tiles.csv for data.kind=csv)
+
+SLIDES are slide files or folders of them (searched recursively for the usual slide extensions). Per slide DIR gets
+``<id>.tiles.csv`` (slide, level, x, y at level 0, size, tissue fraction, mpp), ``<id>.thumbnail.png`` and the
+``<id>.done.json`` marker; a run started again skips the finished slides. Pretraining reads the tiles straight
+from the slides with ``data.kind=wsi_tiles data.path=DIR``; ``export`` is for those who want files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import List, Optional
+
+SLIDE_EXTENSIONS = (".svs", ".tif", ".tiff", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
+
+
+def find_slides(inputs: List[str]) -> List[str]:
+    """The slide files named or found (recursively, hidden entries skipped) under the folders named, sorted."""
+    found = []
+    for item in inputs:
+        if os.path.isdir(item):
+            for dirpath, dirnames, filenames in os.walk(item, followlinks=True):
+                dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+                found += [os.path.join(dirpath, f) for f in sorted(filenames)
+                          if f.lower().endswith(SLIDE_EXTENSIONS) and not f.startswith(".")]
+        elif os.path.exists(item):
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"slide or folder not found: {item}")
+    return sorted(found)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dinov2-repro wsi", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    tile = sub.add_parser("tile", help="tissue tiles of whole slides: coordinates CSV + thumbnail per slide")
+    tile.add_argument("slides", nargs="+", help="slide files or folders of slides")
+    tile.add_argument("--out", required=True, help="output folder (never a slide folder)")
+    target = tile.add_mutually_exclusive_group()
+    target.add_argument("--mpp", type=float, default=None, help="target microns per pixel, e.g. 0.5")
+    target.add_argument("--magnification", type=float, default=None, help="target magnification, e.g. 20")
+    tile.add_argument("--slide-mpp", type=float, default=None, help="the slides' mpp when their metadata lacks it")
+    tile.add_argument("--tile-size", type=int, default=256)
+    tile.add_argument("--overlap", type=float, default=0.0, help="fraction of a tile shared with a neighbour")
+    tile.add_argument("--min-tissue", type=float, default=0.6, help="keep tiles with at least this tissue fraction")
+    tile.add_argument("--thumbnail-size", type=int, default=2048, help="longer side of the tissue-detection image")
+    tile.add_argument("--reader", choices=("auto", "openslide", "tiffslide"), default="auto")
+    tile.add_argument("--min-saturation", type=float, default=0.05, help="floor of the Otsu saturation threshold")
+    tile.add_argument("--white", type=int, default=220, help="RGB above this in every channel is glass")
+    tile.add_argument("--max-gray", type=float, default=0.85, help="darker than this (0-1) is tissue, however pale")
+    tile.add_argument("--pen-min-saturation", type=float, default=0.4, help="blue/green ink at least this saturated")
+    tile.add_argument("--black-value", type=float, default=0.15, help="HSV value below this is black ink")
+    tile.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
+    tile.add_argument("--no-progress", action="store_true")
+    export = sub.add_parser("export", help="PNG files of the tiles of coordinates tables (resumable)")
+    export.add_argument("tables", help="a folder of *.tiles.csv (the --out of wsi tile) or one table")
+    export.add_argument("--out", required=True, help="output folder: <slide id>/<tile>.png and tiles.csv")
+    export.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def tile_options(args):
+    from .tiler import TileOptions
+    from .tissue import TissueParams
+
+    tissue = TissueParams(min_saturation=args.min_saturation, max_gray=args.max_gray, white_rgb=args.white,
+                          pen_min_saturation=args.pen_min_saturation, black_value=args.black_value)
+    return TileOptions(tile_size=args.tile_size, overlap=args.overlap, min_tissue=args.min_tissue, mpp=args.mpp,
+                       magnification=args.magnification, slide_mpp=args.slide_mpp,
+                       thumbnail_size=args.thumbnail_size, reader=args.reader, tissue=tissue)
+
+
+def run_tile(args) -> int:
+    from .tiler import tile_slides
+
+    slides = find_slides(args.slides)
+    if not slides:
+        print(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {args.slides}")
+        return 1
+    results = tile_slides(slides, args.out, tile_options(args), workers=args.workers, progress=not args.no_progress)
+    n_tiles = sum(r["n_tiles"] for r in results["done"])
+    print(f"{len(results['done'])} slide(s) tiled ({n_tiles} tiles), {len(results['skipped'])} already done, "
+          f"{len(results['failed'])} unreadable and skipped; outputs in {Path(args.out)}")
+    return 1 if results["failed"] and not (results["done"] or results["skipped"]) else 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = _parser().parse_args(argv)
+    if args.command == "tile":
+        return run_tile(args)
+    if args.command == "export":
+        from .tiles import export_tiles
+
+        summary = export_tiles(args.tables, args.out, progress=not args.no_progress)
+        print(f"{summary['n_tiles']} tiles in {args.out} ({summary['written']} written now, {summary['unreadable']} "
+              f"unreadable); manifest {summary['manifest']} (data.kind=csv, group = slide)")
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
