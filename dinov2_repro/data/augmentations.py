@@ -120,23 +120,71 @@ def single_channel(image: torch.Tensor) -> torch.Tensor:
     return to_grayscale(image)
 
 
-def gaussian_blur_separable(image: torch.Tensor, sigma: float, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
-    """Gaussian blur of a (C, H, W) uint8/float tensor as two 1-D passes (2k instead of k^2 multiply-adds), with
-    reflect padding; the same kernel as torchvision's ``gaussian_blur`` (results agree to one grey level)."""
+def gaussian_kernel1d(sigma: float, kernel_size: int = BLUR_KERNEL) -> List[float]:
+    """torchvision's 1-D Gaussian kernel (``gaussian_blur``'s) as Python floats, summing to 1."""
     half = (kernel_size - 1) * 0.5
     x = torch.linspace(-half, half, kernel_size)
     kernel = torch.exp(-0.5 * (x / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-    channels = image.shape[0]
-    out = image.to(torch.float32).unsqueeze(0)
+    return (kernel / kernel.sum()).tolist()
+
+
+def gaussian_blur_separable(image: torch.Tensor, sigma: float, kernel_size: int = BLUR_KERNEL) -> torch.Tensor:
+    """Gaussian blur of a (C, H, W) uint8/float tensor as two 1-D passes (2k instead of k^2 multiply-adds), with
+    reflect padding; the same kernel as torchvision's ``gaussian_blur`` (results agree to one grey level).
+
+    Each pass is k fused multiply-adds of shifted views of the padded image, over all channels at once: the same
+    sums in the same order as a per-channel 1 x k convolution (equal to it in tests), 2-3x faster on one CPU
+    thread than ``conv2d`` with ``groups=C``, which allocates and faults pages for every call.
+    """
+    weights = gaussian_kernel1d(sigma, kernel_size)
+    height, width = image.shape[-2:]
     pad = kernel_size // 2
-    out = torch.nn.functional.pad(out, [pad, pad, pad, pad], mode="reflect")
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
-    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
-    out = out.squeeze(0)
+    padded = torch.nn.functional.pad(image.to(torch.float32).unsqueeze(0), [pad, pad, pad, pad], mode="reflect")[0]
+    rows = padded[..., 0:width] * weights[0]
+    for i in range(1, kernel_size):
+        rows.add_(padded[..., i:i + width], alpha=weights[i])
+    out = rows[..., 0:height, :] * weights[0]
+    for i in range(1, kernel_size):
+        out.add_(rows[..., i:i + height, :], alpha=weights[i])
     if image.dtype == torch.uint8:
         return out.round_().clamp_(0, 255).to(torch.uint8)
     return out.to(image.dtype)
+
+
+_HUE_OFFSETS = torch.tensor([0.0, 2.0, 4.0]).view(3, 1, 1)
+_TO_UINT8 = 255.999 / 255.0  # torchvision's float -> uint8 conversion (x * 255.999, truncated) on the 0..255 scale
+
+
+def adjust_hue(image: torch.Tensor, hue_factor: float) -> torch.Tensor:
+    """torchvision's ``adjust_hue`` (an HSV hue rotation) on a uint8 (..., 3, H, W) image, in about half the time.
+
+    A hue rotation keeps each pixel's max and min channel (V and S); only the middle channel moves. So instead of
+    RGB -> HSV -> RGB with a gather over six sectors, each output channel is ``min + chroma * w_c(h')`` with
+    ``w_c = clamp(|((h' - 2c) mod 6) - 3| - 1, 0, 1)`` the hue triangle of channel c (h' in sextants): the HSV->RGB
+    table written arithmetically. Same hue formula and the same conversion back to uint8 as torchvision (x * 255.999
+    on the 0..1 scale, truncated); results agree with ``adjust_hue`` to one level (on about 1 pixel in 10,000,
+    where float rounding sits on a level boundary). One-channel images are returned as they are.
+    """
+    if not -0.5 <= hue_factor <= 0.5:
+        raise ValueError(f"hue_factor ({hue_factor}) is not in [-0.5, 0.5].")
+    if image.shape[-3] == 1 or image.numel() == 0:
+        return image
+    if image.dtype != torch.uint8:
+        from torchvision.transforms.v2 import functional as F
+
+        return F.adjust_hue(image, hue_factor)
+    x = image.to(torch.float32)
+    r, g, b = x.unbind(-3)
+    maxc, minc = torch.aminmax(x, dim=-3)
+    chroma = maxc - minc
+    divisor = torch.where(chroma == 0, 1.0, chroma)
+    hue = torch.where(maxc == r, (g - b) / divisor,
+                      torch.where(maxc == g, (b - r) / divisor + 2.0, (r - g) / divisor + 4.0))
+    hue = hue.add_(6.0 * hue_factor).unsqueeze_(-3)
+    # clamp(|y - 3|, 1, 2) - 1 = w; the "- 1" goes into the offset: out = (min - chroma) + chroma * clamp(...)
+    weight = (hue - _HUE_OFFSETS).remainder_(6.0).sub_(3.0).abs_().clamp_(1.0, 2.0)
+    chroma = chroma.mul_(_TO_UINT8).unsqueeze_(-3)
+    return torch.addcmul(minc.mul_(_TO_UINT8).unsqueeze_(-3).sub_(chroma), weight, chroma).to(torch.uint8)
 
 
 class MultiCropAugmentation:
@@ -178,6 +226,8 @@ class MultiCropAugmentation:
         self.gray_fast_path = True  # tests switch it off to compare with the 3-channel computation
         self.mean = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self._scale = 1.0 / (255.0 * self.std)
+        self._shift = -self.mean / self.std
 
     def __repr__(self) -> str:
         return (f"MultiCropAugmentation(preset={self.preset!r}, blur_mode={self.blur_mode!r}, "
@@ -216,12 +266,13 @@ class MultiCropAugmentation:
         k = 4 * CROP_ATTEMPTS
         record: dict = {"crop": name}
         top, left, h, w = sample_crop_box(image.shape[-2], image.shape[-1], scale, u[:k])
-        crop = F.resized_crop(image, top, left, h, w, [size, size],
-                              interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+        # (torchvision's image kernels are called directly: the v2 dispatchers cost ~10 us a call, ~40 calls here)
+        crop = F.resized_crop_image(image, top, left, h, w, [size, size],
+                                    interpolation=F.InterpolationMode.BICUBIC, antialias=True)
         record["box"] = (top, left, h, w)
         record["flip"] = u[k] < 0.5
         if record["flip"]:
-            crop = F.horizontal_flip(crop)
+            crop = F.horizontal_flip_image(crop)
         order = sorted(range(4), key=lambda i: u[k + 3 + i])  # a random permutation of the jitter ops
         if self.preset == "dinov2":
             record["jitter"] = u[k + 1] < self.jitter_p
@@ -243,26 +294,29 @@ class MultiCropAugmentation:
             if record["gamma_applied"]:
                 lo, hi = math.log(MRI_GAMMA[0]), math.log(MRI_GAMMA[1])
                 record["gamma"] = math.exp(lo + (hi - lo) * u[k + 11])
-                crop = F.adjust_gamma(crop, record["gamma"])
+                crop = F.adjust_gamma_image(crop, record["gamma"])
         record["blur"] = u[k + 12] < blur_p
         if record["blur"]:
             record["sigma"] = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u[k + 13]
             crop = self._blur(crop, record["sigma"])
         record["solarize"] = u[k + 14] < solarize_p
         if record["solarize"]:
-            crop = F.solarize(crop, threshold=SOLARIZE_THRESHOLD)
-        out = crop.to(torch.float32).mul_(1.0 / 255.0)
+            crop = F.solarize_image(crop, threshold=SOLARIZE_THRESHOLD)
         if self.preset == "mri":
+            out = crop.to(torch.float32).mul_(1.0 / 255.0)
             record["noise"] = u[k + 15] < self.noise_p
             if record["noise"]:
                 sigma = MRI_NOISE_SIGMA[0] + (MRI_NOISE_SIGMA[1] - MRI_NOISE_SIGMA[0]) * u[k + 16]
                 record["noise_sigma"] = sigma
                 noise = torch.randn(out.shape, generator=generator, dtype=torch.float32)
                 out = out.add_(noise.mul_(sigma)).clamp_(0.0, 1.0)
+            if trace is not None:
+                trace.append(record)
+            return (out - self.mean) / self.std  # (C, H, W) with C = 1 broadcasts to 3 channels here
         if trace is not None:
             trace.append(record)
-        # (C, H, W) with C = 1 broadcasts to 3 channels here.
-        return (out - self.mean) / self.std
+        # (x / 255 - mean) / std as one multiply-add (equal to within float rounding, ~1e-7); C = 1 broadcasts to 3
+        return torch.addcmul(self._shift, crop.to(torch.float32), self._scale)
 
     @staticmethod
     def _jitter_factors(u: Sequence[float]) -> dict:
@@ -274,8 +328,8 @@ class MultiCropAugmentation:
     def _jitter(crop: torch.Tensor, factors: dict, order: Sequence[int]) -> torch.Tensor:
         from torchvision.transforms.v2 import functional as F
 
-        ops = (("brightness", F.adjust_brightness), ("contrast", F.adjust_contrast),
-               ("saturation", F.adjust_saturation), ("hue", F.adjust_hue))
+        ops = (("brightness", F.adjust_brightness_image), ("contrast", F.adjust_contrast_image),
+               ("saturation", F.adjust_saturation_image), ("hue", adjust_hue))
         for i in order:
             name, op = ops[i]
             if name in factors and (crop.shape[0] == 3 or name in ("brightness", "contrast")):
