@@ -319,3 +319,20 @@ def test_normalisation_is_one_multiply_add_within_rounding():
     fused = torch.addcmul(aug._shift, crop.to(torch.float32), aug._scale)
     plain = (crop.to(torch.float32) / 255 - aug.mean) / aug.std
     assert (fused - plain).abs().max() <= 1e-6
+
+
+def test_resize_from_interleaved_pixels_equals_resize_from_planes():
+    # The pipeline hands torch's uint8 antialiased resize an (H, W, 3)-interleaved image (its native layout).
+    from torchvision.transforms.v2 import functional as F
+
+    planar = _photo(120).contiguous()
+    interleaved = planar.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(8, 121, 2))
+        top, left = int(rng.integers(0, 121 - h)), int(rng.integers(0, 121 - w))
+        for size in (98, 32, 224):
+            args = (top, left, h, w, [size, size])
+            kwargs = dict(interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(F.resized_crop_image(interleaved, *args, **kwargs),
+                               F.resized_crop_image(planar, *args, **kwargs))

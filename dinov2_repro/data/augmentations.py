@@ -17,7 +17,8 @@ are processed as one channel (3x less work) and repeated to 3 channels by the no
 come from the dataset (`dinov2-repro data stats`).
 
 Speed (CPU, one thread per loader worker; ``benchmarks/augmentation.py``, docs/benchmarks.md): the hue rotation
-is computed without the RGB->HSV->RGB round trip (`adjust_hue`, within one level of torchvision's), the blur as
+is computed without the RGB->HSV->RGB round trip (`adjust_hue`, within one level of torchvision's), the image is
+resized from interleaved (H, W, 3) pixels (the uint8 resize kernel's own layout, converted once), the blur as
 shifted multiply-adds (equal to the grouped convolution), the local crops are jittered, blurred and normalised as
 one batch with per-crop parameters (equal to one at a time), torchvision's image kernels are called without the v2
 dispatchers, and crops stay uint8 until one multiply-add normalises them.
@@ -199,14 +200,16 @@ def adjust_hue(image: torch.Tensor, hue_factor) -> torch.Tensor:
     shift = torch.tensor([6.0 * f for f in hue_factor]).view(-1, 1, 1) if per_image else 6.0 * hue_factor
     x = image.to(torch.float32)  # on the 0..255 scale: the hue is a ratio; the scale goes into the last step
     r, g, b = x.unbind(-3)
-    minc, maxc = torch.aminmax(x, dim=-3)
+    # (elementwise max/min of the planes: ~10x faster than aminmax over the channel dimension on one thread)
+    maxc, minc = torch.maximum(torch.maximum(r, g), b), torch.minimum(torch.minimum(r, g), b)
     chroma = maxc - minc
     max_r, max_g = maxc == r, maxc == g
     # torchvision's hue in sextants: (g - b) / C where max is r, 2 + (b - r) / C where g, 4 + (r - g) / C where b
     # (C = 1 where the pixel is gray: integer values, so clamp_min(1) is torchvision's where(C == 0, 1, C))
     numerator = torch.where(max_r, g - b, torch.where(max_g, b - r, r - g))
     offset = torch.where(max_r, shift, torch.where(max_g, shift + 2.0, shift + 4.0))  # (+ the rotation)
-    hue = numerator.div_(chroma.clamp_min(1.0)).add_(offset).remainder_(6.0).unsqueeze_(-3)
+    hue = numerator.div_(chroma.clamp_min(1.0)).add_(offset)
+    hue = hue.sub_(torch.floor(hue * (1.0 / 6.0)).mul_(6.0)).unsqueeze_(-3)  # mod 6 (3x faster than remainder_)
     weight = torch.addcmul(_HUE_BIASES, (hue - _HUE_CENTRES).abs_(), _HUE_SLOPES).clamp_(0.0, 1.0)
     return torch.addcmul(minc.mul_(_TO_UINT8).unsqueeze_(-3), weight,
                          chroma.mul_(_TO_UINT8).unsqueeze_(-3)).to(torch.uint8)
@@ -305,6 +308,13 @@ class MultiCropAugmentation:
             # Gray stored as RGB (most scans): saturation, hue and grayscale are identities on gray pixels, so
             # one channel gives the same crops at a third (or less: hue is the costliest op) of the work.
             image = image[:1]
+        if image.shape[0] == 3:
+            # torch's uint8 antialiased resize works on interleaved (H, W, 3) pixels: given planes it converts the
+            # crop there and back on every call. One conversion per image instead (a no-op for PIL/numpy inputs,
+            # already interleaved) makes the ten resizes ~2x faster; same output, bit for bit.
+            image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        else:
+            image = image.contiguous()
         blur_g1, blur_g2, blur_local = self.blur_probabilities
         g, l = self.global_crops_size, self.local_crops_size
         global_crops = [
