@@ -175,13 +175,13 @@ _TO_UINT8 = 255.999 / 255.0  # torchvision's float -> uint8 conversion (x * 255.
 
 
 def adjust_hue(image: torch.Tensor, hue_factor) -> torch.Tensor:
-    """torchvision's ``adjust_hue`` (an HSV hue rotation) on a uint8 (..., 3, H, W) image, in about half the time.
+    """torchvision's ``adjust_hue`` (an HSV hue rotation) on a uint8 (..., 3, H, W) image, in about a quarter of the time.
 
     A hue rotation keeps each pixel's max and min channel (V and S); only the middle channel moves. So instead of
     RGB -> HSV -> RGB with a gather over six sectors, each output channel is ``min + chroma * w_c(h')`` with ``w_c``
     the hue triangle of channel c (h' the rotated hue in sextants, [0, 6)): the HSV->RGB table written
     arithmetically. Same hue formula and the same conversion back to uint8 as torchvision (x * 255.999
-    on the 0..1 scale, truncated); results agree with ``adjust_hue`` to one level (on about 1 pixel in 10,000,
+    on the 0..1 scale, truncated); results agree with ``adjust_hue`` to one level (on 1 to 3 pixels in 10,000,
     where float rounding sits on a level boundary). One-channel images are returned as they are. A batch
     (N, 3, H, W) may take one factor per image (a sequence); each image's result equals its rotation alone.
     """
