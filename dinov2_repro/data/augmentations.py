@@ -175,7 +175,7 @@ _TO_UINT8 = 255.999 / 255.0  # torchvision's float -> uint8 conversion (x * 255.
 
 
 def adjust_hue(image: torch.Tensor, hue_factor) -> torch.Tensor:
-    """torchvision's ``adjust_hue`` (an HSV hue rotation) on a uint8 (..., 3, H, W) image, in about a quarter of the time.
+    """torchvision's ``adjust_hue`` (an HSV hue rotation) on uint8 (..., 3, H, W), in about a quarter of the time.
 
     A hue rotation keeps each pixel's max and min channel (V and S); only the middle channel moves. So instead of
     RGB -> HSV -> RGB with a gather over six sectors, each output channel is ``min + chroma * w_c(h')`` with ``w_c``
