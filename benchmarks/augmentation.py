@@ -1,176 +1,241 @@
-"""Multi-crop augmentation throughput: our tensor pipeline vs a plain torchvision PIL pipeline of the same recipe.
+"""Multi-crop augmentation images/s per loader worker: ours against a copy of the published DINOv2 composition.
 
-Writes N synthetic phantom JPEGs (512x512, gray stored as RGB like the Kaggle scans) to a temporary folder, then
-measures images/s (decode + 2 global + n local crops) in one process (num_workers=0, one thread: the cost per
-loader worker) and with a DataLoader using every core (num_workers = os.cpu_count()), including the collate.
+The published composition (facebookresearch/dinov2, ``dinov2/data/augmentations.py`` ``DataAugmentationDINO`` and
+``transforms.py`` ``GaussianBlur``) is written out below with torchvision's PIL transforms: RandomResizedCrop
+(bicubic) + RandomHorizontalFlip, RandomApply(ColorJitter(0.4, 0.4, 0.2, 0.1), p=0.8), RandomGrayscale(0.2),
+its GaussianBlur(9, sigma 0.1-2) with p=1.0 / 0.1 / 0.5 for global 1 / global 2 / locals, RandomSolarize(128, p=0.2)
+on global 2, ToTensor + Normalize. Its GaussianBlur hands ``1 - p`` to RandomApply, so the blur actually runs with
+probability 0 / 0.9 / 0.5; ours does the same with ``blur_mode="as_released"`` (the same output distribution) and
+1.0 / 0.1 / 0.5 with the default ``"paper"``; both are measured.
 
-  python benchmarks/augmentation.py --n-images 64 --seconds 10 --patch-size 14 --json-out aug.json
+Inputs, reported separately:
+- colour: 512 x 512 crops of scikit-image's colour photographs (astronaut, coffee, chelsea, rocket,
+  immunohistochemistry, retina, hubble_deep_field; smaller ones upscaled first), JPEG quality 90;
+- gray: the synthetic brain-MRI phantoms (512 px, gray stored as RGB like the Kaggle scans), JPEG quality 90.
+
+Modes: ``decoded`` (images decoded once beforehand: PIL RGB for the published code, uint8 tensors for ours;
+augmentation only) and ``jpeg`` (decode included: ``Image.open(...).convert("RGB")`` as the published
+ImageDataDecoder, `decode_image_file` for ours). One torch thread, one process: the cost per DataLoader worker.
+Pipelines are measured interleaved in short slices over several rounds, so that load on a shared machine hits
+them alike; the ratio ours/published is the one to read, with the load average printed beside it.
+
+  PYTHONPATH=. python benchmarks/augmentation.py --n-images 32 --seconds 20 --json-out aug.json
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
 
+COLOUR_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-def write_jpegs(folder: Path, n: int, size: int = 512) -> None:
+
+def colour_images(n: int, size: int = 512):
+    """``n`` uint8 (size, size, 3) crops of scikit-image's colour photographs, cycling over the sources."""
     import numpy as np
     from PIL import Image
+    from skimage import data
+
+    sources = []
+    for name in COLOUR_SOURCES:
+        image = Image.fromarray(getattr(data, name)()[..., :3])
+        short = min(image.size)
+        if short < size:  # chelsea, coffee, rocket: upscale so that a full crop fits
+            image = image.resize((round(image.width * size / short), round(image.height * size / short)),
+                                 Image.BICUBIC)
+        sources.append(np.asarray(image))
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(n):
+        source = sources[i % len(sources)]
+        top = int(rng.integers(0, source.shape[0] - size + 1))
+        left = int(rng.integers(0, source.shape[1] - size + 1))
+        out.append(np.ascontiguousarray(source[top:top + size, left:left + size]))
+    return out
+
+
+def gray_images(n: int, size: int = 512):
+    """``n`` synthetic brain-MRI phantoms, gray stored as uint8 (size, size, 3)."""
+    import numpy as np
 
     from dinov2_repro.data.synthetic import CLASSES, PhantomRenderer, phantom_rng
 
     renderer = PhantomRenderer(size)
-    for i in range(n):
-        label = CLASSES[i % len(CLASSES)]
-        gray = renderer.render(label, phantom_rng(0, 0, CLASSES.index(label), i))
-        Image.fromarray(np.stack([gray] * 3, axis=-1)).save(folder / f"{i:05d}.jpg", quality=90)
+    return [np.stack([renderer.render(CLASSES[i % len(CLASSES)],
+                                      phantom_rng(0, 0, i % len(CLASSES), i))] * 3, axis=-1) for i in range(n)]
 
 
-class PILMultiCrop:
-    """The same recipe with torchvision's PIL transforms (v1 API), as most DINO codebases do it."""
+class PublishedDINOv2Augmentation:
+    """``DataAugmentationDINO`` of facebookresearch/dinov2, written out with the same torchvision PIL transforms."""
 
-    def __init__(self, global_size: int, local_size: int, local_number: int):
+    def __init__(self, global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=8,
+                 global_crops_size=224, local_crops_size=98):
         from torchvision import transforms as T
 
+        def gaussian_blur(p):  # dinov2/data/transforms.py GaussianBlur: RandomApply with keep_p = 1 - p
+            return T.RandomApply([T.GaussianBlur(kernel_size=9, sigma=(0.1, 2.0))], p=1 - p)
+
         bicubic = T.InterpolationMode.BICUBIC
-
-        def view(size, scale, blur_p, solarize_p):
-            ops = [T.RandomResizedCrop(size, scale=scale, interpolation=bicubic), T.RandomHorizontalFlip(0.5),
-                   T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(0.2)]
-            if blur_p > 0:
-                ops.append(T.RandomApply([T.GaussianBlur(9, sigma=(0.1, 2.0))], p=blur_p))
-            if solarize_p > 0:
-                ops.append(T.RandomSolarize(128, p=solarize_p))
-            ops += [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-            return T.Compose(ops)
-
-        self.global_1 = view(global_size, (0.32, 1.0), 1.0, 0.0)
-        self.global_2 = view(global_size, (0.32, 1.0), 0.1, 0.2)
-        self.local = view(local_size, (0.05, 0.32), 0.5, 0.0)
-        self.local_number = local_number
+        self.geometric_augmentation_global = T.Compose([
+            T.RandomResizedCrop(global_crops_size, scale=global_crops_scale, interpolation=bicubic),
+            T.RandomHorizontalFlip(p=0.5)])
+        self.geometric_augmentation_local = T.Compose([
+            T.RandomResizedCrop(local_crops_size, scale=local_crops_scale, interpolation=bicubic),
+            T.RandomHorizontalFlip(p=0.5)])
+        color_jittering = T.Compose([
+            T.RandomApply([T.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            T.RandomGrayscale(p=0.2)])
+        global_transfo1_extra = gaussian_blur(p=1.0)
+        global_transfo2_extra = T.Compose([gaussian_blur(p=0.1), T.RandomSolarize(threshold=128, p=0.2)])
+        local_transfo_extra = gaussian_blur(p=0.5)
+        self.normalize = T.Compose([T.ToTensor(), T.Normalize(mean=MEAN, std=STD)])
+        self.global_transfo1 = T.Compose([color_jittering, global_transfo1_extra, self.normalize])
+        self.global_transfo2 = T.Compose([color_jittering, global_transfo2_extra, self.normalize])
+        self.local_transfo = T.Compose([color_jittering, local_transfo_extra, self.normalize])
+        self.local_crops_number = local_crops_number
 
     def __call__(self, image):
-        return {"global_crops": [self.global_1(image), self.global_2(image)],
-                "local_crops": [self.local(image) for _ in range(self.local_number)]}
+        output = {}
+        global_crop_1 = self.global_transfo1(self.geometric_augmentation_global(image))
+        global_crop_2 = self.global_transfo2(self.geometric_augmentation_global(image))
+        output["global_crops"] = [global_crop_1, global_crop_2]
+        output["global_crops_teacher"] = [global_crop_1, global_crop_2]
+        output["local_crops"] = [self.local_transfo(self.geometric_augmentation_local(image))
+                                 for _ in range(self.local_crops_number)]
+        output["offsets"] = ()
+        return output
 
 
-class PILDataset:
-    def __init__(self, paths, transform):
-        self.paths, self.transform = paths, transform
+def published_decode(path):
+    from PIL import Image
 
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        from PIL import Image
-
-        with Image.open(self.paths[index]) as image:
-            return self.transform(image.convert("RGB")), -1
+    with open(path, "rb") as handle:  # dinov2/data/decoders.py ImageDataDecoder: Image.open(...).convert("RGB")
+        return Image.open(handle).convert(mode="RGB")
 
 
-def stack_crops(samples):
+def make_pipelines(global_size: int, local_size: int, local_number: int, patch_size: int):
+    """name -> (decode(path), prepare(HWC array) for the decoded mode, augment(image, index))."""
+    import numpy as np
     import torch
+    from PIL import Image
 
-    n_global, n_local = len(samples[0][0]["global_crops"]), len(samples[0][0]["local_crops"])
-    return (torch.stack([s[0]["global_crops"][i] for i in range(n_global) for s in samples]),
-            torch.stack([s[0]["local_crops"][i] for i in range(n_local) for s in samples]) if n_local else None)
+    from dinov2_repro.data.augmentations import MultiCropAugmentation
+    from dinov2_repro.data.decode import decode_image_file
 
-
-def rate_in_process(dataset, keys, seconds: float) -> float:
-    import torch
-
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # what one DataLoader worker gets
-    try:
-        dataset[keys[0]]  # warm-up (lazy imports, allocator)
-        count, start = 0, time.perf_counter()
-        for key in itertools.cycle(keys):
-            dataset[key]
-            count += 1
-            if time.perf_counter() - start >= seconds:
-                break
-        return count / (time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
+    published = PublishedDINOv2Augmentation(local_crops_number=local_number, global_crops_size=global_size,
+                                            local_crops_size=local_size)
+    pipelines = {"published DINOv2 (PIL)": (published_decode, lambda a: Image.fromarray(np.asarray(a)),
+                                            lambda image, i: published(image))}
+    for blur_mode in ("as_released", "paper"):
+        ours = MultiCropAugmentation(local_crops_number=local_number, global_crops_size=global_size,
+                                     local_crops_size=local_size, patch_size=patch_size, blur_mode=blur_mode)
+        pipelines[f"ours, blur {blur_mode}"] = (
+            decode_image_file, lambda a: torch.from_numpy(np.array(a)).permute(2, 0, 1).contiguous(),
+            # one seeded generator per sample, as MultiCropDataset does
+            lambda image, i, ours=ours: ours(image, generator=torch.Generator().manual_seed(i)))
+    return pipelines
 
 
-def rate_with_loader(dataset, sampler, collate, workers: int, batch_size: int, seconds: float) -> float:
-    import torch
-
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate,
-                                         num_workers=workers, persistent_workers=False, prefetch_factor=4)
-    iterator = iter(loader)
-    next(iterator)  # worker start-up is not throughput
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        next(iterator)
-        count += batch_size
-    elapsed = time.perf_counter() - start
-    del iterator
-    return count / elapsed
+def measure(pipelines: dict, inputs: list, mode: str, seconds: float, rounds: int) -> dict:
+    """Interleaved: each round gives every pipeline ``seconds / rounds`` of wall time in turn."""
+    stats = {name: {"images": 0, "wall_s": 0.0, "cpu_s": 0.0, "round_rates": []} for name in pipelines}
+    loads = [os.getloadavg()[0]]
+    prepared = {}
+    for name, (decode, prepare, augment) in pipelines.items():
+        prepared[name] = inputs if mode == "jpeg" else [prepare(a) for a in inputs]
+        image = decode(inputs[0]) if mode == "jpeg" else prepared[name][0]
+        augment(image, 0)  # warm-up: lazy imports, allocator
+    slice_s = seconds / rounds
+    for _ in range(rounds):
+        for name, (decode, _, augment) in pipelines.items():
+            items, count = prepared[name], 0
+            wall0, cpu0 = time.perf_counter(), time.process_time()
+            while True:
+                item = items[count % len(items)]
+                augment(decode(item) if mode == "jpeg" else item, count)
+                count += 1
+                if time.perf_counter() - wall0 >= slice_s:
+                    break
+            wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+            entry = stats[name]
+            entry["images"] += count
+            entry["wall_s"] += wall
+            entry["cpu_s"] += cpu
+            entry["round_rates"].append(count / wall)
+        loads.append(os.getloadavg()[0])
+    return {"stats": stats, "load_1min": loads}
 
 
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n-images", type=int, default=64)
-    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per configuration")
+    parser.add_argument("--n-images", type=int, default=32, help="images per input kind (cycled)")
+    parser.add_argument("--seconds", type=float, default=20.0, help="measuring time per pipeline and configuration")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved slices per configuration")
     parser.add_argument("--patch-size", type=int, default=14, choices=(14, 16))
     parser.add_argument("--global-size", type=int, default=224)
     parser.add_argument("--local-number", type=int, default=8)
-    parser.add_argument("--preset", default="dinov2", choices=("dinov2", "mri"), help="our pipeline's preset")
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="loader workers for the all-core run")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--inputs", nargs="+", default=["colour", "gray"], choices=("colour", "gray"))
+    parser.add_argument("--modes", nargs="+", default=["decoded", "jpeg"], choices=("decoded", "jpeg"))
     parser.add_argument("--json-out", default=None)
     args = parser.parse_args(argv)
 
+    import numpy as np
     import torch
+    from PIL import Image
 
-    from dinov2_repro.data.augmentations import MultiCropAugmentation
-    from dinov2_repro.data.collate import SSLCollate
-    from dinov2_repro.data.datasets import UnlabeledFolderDataset
-    from dinov2_repro.data.loaders import MultiCropDataset
-    from dinov2_repro.data.masking import MaskingGenerator
-    from dinov2_repro.data.samplers import InfiniteShardedSampler
+    import dinov2_repro
 
+    torch.set_num_threads(1)  # what one DataLoader worker gets
     local_size = 98 if args.patch_size == 14 else 96
-    results = {"config": dict(vars(args), local_size=local_size, cpu_count=os.cpu_count(),
-                              torch=torch.__version__, machine=platform.processor() or platform.machine()),
+    results = {"config": dict(vars(args), local_size=local_size, cpu_count=os.cpu_count(), torch=torch.__version__,
+                              machine=platform.machine(), package=os.path.dirname(dinov2_repro.__file__),
+                              date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())),
                "rows": []}
+    pipelines = make_pipelines(args.global_size, local_size, args.local_number, args.patch_size)
+    baseline = next(iter(pipelines))
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        write_jpegs(folder, args.n_images)
-        images = UnlabeledFolderDataset(folder)
-        ours = MultiCropDataset(images, MultiCropAugmentation(
-            local_crops_number=args.local_number, global_crops_size=args.global_size, local_crops_size=local_size,
-            patch_size=args.patch_size, preset=args.preset), seed=0)
-        side = args.global_size // args.patch_size
-        collate = SSLCollate(MaskingGenerator((side, side)), local_crops_size=local_size)
-        baseline = PILDataset([p for p, _ in images.samples],
-                              PILMultiCrop(args.global_size, local_size, args.local_number))
-        runs = [
-            (f"ours (tensor v2, preset {args.preset}, + masks)", ours,
-             [(i, i) for i in range(len(ours))],
-             lambda: InfiniteShardedSampler(len(ours), seed=0, with_positions=True), collate),
-            ("torchvision PIL transforms", baseline, list(range(len(baseline))),
-             lambda: InfiniteShardedSampler(len(baseline), seed=0), stack_crops),
-        ]
-        for name, dataset, keys, make_sampler, collate_fn in runs:
-            one = rate_in_process(dataset, keys, args.seconds)
-            many = rate_with_loader(dataset, make_sampler(), collate_fn, args.workers, args.batch_size, args.seconds)
-            results["rows"].append({"pipeline": name, "images_per_s_one_process": one,
-                                    f"images_per_s_{args.workers}_workers": many})
-    crops = f"2x{args.global_size} + {args.local_number}x{local_size}"
-    print(f"multi-crop throughput ({crops}, 512px JPEG input, {args.n_images} images, {args.seconds:.0f} s each)")
-    print(f"{'pipeline':<48} {'img/s, 1 process':>17} {f'img/s, {args.workers} workers':>20}")
+        for kind in args.inputs:
+            arrays = colour_images(args.n_images) if kind == "colour" else gray_images(args.n_images)
+            paths = []
+            for i, array in enumerate(arrays):
+                paths.append(Path(tmp) / f"{kind}_{i:04d}.jpg")
+                Image.fromarray(np.asarray(array)).save(paths[-1], quality=90)
+            # decoded mode starts from the decoded JPEGs, so both modes see the same pixels
+            decoded = [np.asarray(Image.open(p).convert("RGB")) for p in paths]
+            for mode in args.modes:
+                run = measure(pipelines, paths if mode == "jpeg" else decoded, mode, args.seconds, args.rounds)
+                base = run["stats"][baseline]
+                for name, entry in run["stats"].items():
+                    per_round = [a / b for a, b in zip(entry["round_rates"], base["round_rates"])]
+                    results["rows"].append({
+                        "input": kind, "mode": mode, "pipeline": name,
+                        "images_per_s": entry["images"] / entry["wall_s"],
+                        "images_per_cpu_s": entry["images"] / max(entry["cpu_s"], 1e-9),
+                        "ratio": (entry["images"] / entry["wall_s"]) / (base["images"] / base["wall_s"]),
+                        "ratio_cpu": (entry["images"] / max(entry["cpu_s"], 1e-9))
+                                     / (base["images"] / max(base["cpu_s"], 1e-9)),
+                        "ratio_per_round_min_max": (min(per_round), max(per_round)),
+                        "ratio_per_round_median": statistics.median(per_round),
+                        "images": entry["images"], "load_1min_min_max": (min(run["load_1min"]),
+                                                                         max(run["load_1min"]))})
+    crops = f"2 x {args.global_size} + {args.local_number} x {local_size}"
+    print(f"multi-crop images/s per worker ({crops}, 512 px inputs, 1 thread, {args.seconds:.0f} s per pipeline "
+          f"in {args.rounds} interleaved slices; {results['config']['date']}; package {results['config']['package']})")
+    print(f"{'input':<7} {'mode':<8} {'pipeline':<24} {'img/s':>7} {'img/cpu-s':>9} {'ratio':>6} "
+          f"{'ratio/cpu':>9} {'rounds min-max':>15} {'load 1 min':>11}")
     for row in results["rows"]:
-        print(f"{row['pipeline']:<48} {row['images_per_s_one_process']:>17.1f} "
-              f"{row[f'images_per_s_{args.workers}_workers']:>20.1f}")
+        lo, hi = row["ratio_per_round_min_max"]
+        lmin, lmax = row["load_1min_min_max"]
+        print(f"{row['input']:<7} {row['mode']:<8} {row['pipeline']:<24} {row['images_per_s']:>7.1f} "
+              f"{row['images_per_cpu_s']:>9.1f} {row['ratio']:>6.2f} {row['ratio_cpu']:>9.2f} "
+              f"{lo:>7.2f}-{hi:<7.2f} {lmin:>5.2f}-{lmax:<5.2f}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(results, indent=2))
     return results

@@ -60,7 +60,9 @@ def test_blur_probabilities_by_name(mode, monkeypatch):
     aug = MultiCropAugmentation(local_crops_number=2, global_crops_size=16, local_crops_size=8, blur_mode=mode)
     calls = []
     original = aug._blur
-    monkeypatch.setattr(aug, "_blur", lambda crop, sigma: calls.append(sigma) or original(crop, sigma))
+    # (the local crops are blurred as one batch with a list of sigmas, one per blurred crop)
+    monkeypatch.setattr(aug, "_blur", lambda crop, sigma: calls.extend(sigma if isinstance(sigma, list) else [sigma])
+                        or original(crop, sigma))
     rates, n_blurred = _decisions(aug, 250, "blur")
     expected = dict(zip(("global_1", "global_2", "local"), BLUR_PROBABILITIES[mode]))
     for kind, p in expected.items():
@@ -214,3 +216,123 @@ def test_without_intensity_jitter_same_geometry_no_intensity_ops(preset):
     recipe = recipe_from_augmentation(light)  # the GPU path gets the same probabilities
     assert recipe.jitter_p == recipe.grayscale_p == recipe.gamma_p == recipe.noise_p == 0.0
     assert recipe_from_augmentation(full).jitter_p == 0.8
+
+
+def _grouped_conv_blur(image, sigma, kernel_size=9):
+    """The previous implementation: two 1-D convolutions with the channels as groups (float output)."""
+    half = (kernel_size - 1) * 0.5
+    x = torch.linspace(-half, half, kernel_size)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    channels, pad = image.shape[0], kernel_size // 2
+    out = torch.nn.functional.pad(image.to(torch.float32).unsqueeze(0), [pad] * 4, mode="reflect")
+    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1), groups=channels)
+    out = torch.nn.functional.conv2d(out, kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1), groups=channels)
+    return out.squeeze(0)
+
+
+def test_blur_as_shifted_sums_equals_the_grouped_convolution_and_batches():
+    from dinov2_repro.data.augmentations import gaussian_blur_separable
+
+    sigmas = (0.1, 0.55, 1.3, 2.0)
+    images = [_image(37, 41, seed) for seed in range(len(sigmas))]
+    for image, sigma in zip(images, sigmas):
+        unit = image.to(torch.float32) / 255
+        assert (gaussian_blur_separable(unit, sigma) - _grouped_conv_blur(unit, sigma)).abs().max() <= 1e-6
+        reference = _grouped_conv_blur(image, sigma).round_().clamp_(0, 255).to(torch.uint8)
+        assert torch.equal(gaussian_blur_separable(image, sigma), reference)
+        assert torch.equal(gaussian_blur_separable(image[:1], sigma), reference[:1])  # one channel
+    batch = gaussian_blur_separable(torch.stack(images), list(sigmas))  # one sigma per image
+    for row, image, sigma in zip(batch, images, sigmas):
+        assert torch.equal(row, gaussian_blur_separable(image, sigma))
+
+
+def _photo(size=96):
+    from skimage import data
+
+    return torch.from_numpy(np.ascontiguousarray(data.astronaut()[100:100 + size, 180:180 + size])).permute(2, 0, 1)
+
+
+def test_hue_rotation_matches_torchvision_within_one_level():
+    from torchvision.transforms.v2 import functional as F
+
+    from dinov2_repro.data.augmentations import adjust_hue
+
+    images = [_image(64, 72, 3), _photo()]
+    images.append(torch.tensor([[0, 0, 0], [255, 255, 255], [7, 7, 7], [255, 0, 0], [0, 255, 0], [0, 0, 255],
+                                [200, 10, 50], [30, 180, 20], [10, 20, 240], [255, 254, 0]],
+                               dtype=torch.uint8).t().reshape(3, 1, -1))  # gray, primaries, sector edges
+    differing = total = 0
+    for image in images:
+        for factor in (-0.5, -0.1, -0.037, 0.0, 0.021, 0.1, 0.5):
+            diff = (adjust_hue(image, factor).int() - F.adjust_hue(image, factor).int()).abs()
+            assert int(diff.max()) <= 1, factor
+            differing += int((diff > 0).sum())
+            total += diff.numel()
+    assert differing / total < 1e-3  # float rounding on a level boundary only
+    factors = [-0.1, 0.0, 0.07]
+    batch = torch.stack([_image(30, 30, seed) for seed in range(3)])
+    for row, image, factor in zip(adjust_hue(batch, factors), batch, factors):  # per-image factors
+        assert torch.equal(row, adjust_hue(image, factor))
+    gray = _image(10, 10)[:1]
+    assert adjust_hue(gray, 0.1) is gray
+
+
+@pytest.mark.parametrize("channels", [3, 1])
+def test_batched_jitter_ops_equal_torchvision_kernels(channels):
+    from torchvision.transforms.v2 import functional as F
+
+    from dinov2_repro.data.augmentations import batched_jitter_op
+
+    batch = torch.stack([_image(33, 29, seed)[:channels] for seed in range(4)])
+    factors = [0.6, 1.0, 1.13, 1.4]
+    kernels = {"brightness": F.adjust_brightness_image, "contrast": F.adjust_contrast_image,
+               "saturation": F.adjust_saturation_image}
+    for name, kernel in kernels.items():
+        out = batched_jitter_op(batch, name, factors)
+        for row, image, factor in zip(out, batch, factors):
+            assert torch.equal(row, kernel(image, factor)), name
+
+
+@pytest.mark.parametrize("kind", ["colour", "gray"])
+def test_local_crops_as_one_batch_equal_one_at_a_time(kind):
+    image = _photo(120) if kind == "colour" else _image(90, 80, 5)[:1].expand(3, -1, -1)
+    batched = MultiCropAugmentation(local_crops_number=6, global_crops_size=32, local_crops_size=16)
+    single = MultiCropAugmentation(local_crops_number=6, global_crops_size=32, local_crops_size=16)
+    single.batch_local_crops = False
+    jittered = blurred = 0
+    for seed in range(12):
+        trace_b, trace_s = [], []
+        a = batched(image, generator=torch.Generator().manual_seed(seed), trace=trace_b)
+        b = single(image, generator=torch.Generator().manual_seed(seed), trace=trace_s)
+        assert trace_b == trace_s  # same random numbers, decisions and factors
+        for x, y in zip(a["global_crops"] + a["local_crops"], b["global_crops"] + b["local_crops"]):
+            assert x.shape == y.shape and torch.equal(x, y)
+        jittered += sum(r["jitter"] for r in trace_b[2:])
+        blurred += sum(r["blur"] for r in trace_b[2:])
+    assert jittered > 20 and blurred > 10
+
+
+def test_normalisation_is_one_multiply_add_within_rounding():
+    aug = MultiCropAugmentation(local_crops_number=0, global_crops_size=16, local_crops_size=8)
+    crop = torch.arange(256, dtype=torch.uint8).view(1, 16, 16).expand(3, -1, -1)
+    fused = torch.addcmul(aug._shift, crop.to(torch.float32), aug._scale)
+    plain = (crop.to(torch.float32) / 255 - aug.mean) / aug.std
+    assert (fused - plain).abs().max() <= 1e-6
+
+
+def test_resize_from_interleaved_pixels_equals_resize_from_planes():
+    # The pipeline hands torch's uint8 antialiased resize an (H, W, 3)-interleaved image (its native layout).
+    from torchvision.transforms.v2 import functional as F
+
+    planar = _photo(120).contiguous()
+    interleaved = planar.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        h, w = (int(v) for v in rng.integers(8, 121, 2))
+        top, left = int(rng.integers(0, 121 - h)), int(rng.integers(0, 121 - w))
+        for size in (98, 32, 224):
+            args = (top, left, h, w, [size, size])
+            kwargs = dict(interpolation=F.InterpolationMode.BICUBIC, antialias=True)
+            assert torch.equal(F.resized_crop_image(interleaved, *args, **kwargs),
+                               F.resized_crop_image(planar, *args, **kwargs))
