@@ -19,7 +19,7 @@ ImageDataDecoder, `decode_image_file` for ours). One torch thread, one process: 
 Pipelines are measured interleaved in short slices over several rounds, so that load on a shared machine hits
 them alike; the ratio ours/published is the one to read, with the load average printed beside it.
 
-  PYTHONPATH=. python benchmarks/augmentation.py --n-images 32 --seconds 20 --json-out aug.json
+  python benchmarks/augmentation.py --n-images 32 --seconds 20 --json-out aug.json
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ import os
 import platform
 import statistics
 import tempfile
+import sys
 import time
 from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: import this checkout's dinov2_repro, not an installed one
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 COLOUR_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
