@@ -20,6 +20,7 @@ from torch import Tensor, nn
 ATTN_BACKENDS = ("sdpa", "xformers", "auto")
 
 
+@functools.lru_cache(maxsize=1)  # every block asks when it is built; a failed import is not cached by Python
 def xformers_import_problem() -> str:
     """'' when xformers.ops imports, else why not."""
     try:
