@@ -147,3 +147,25 @@ def test_attention_heatmap_paints_scores_at_the_tiles():
     assert lowest.sum() < highest.sum() - 100  # inferno: black at the lowest score, pale yellow at the highest
     assert (picture[45, 5] == 240).all()  # no tile there: untouched
     assert not (picture[30, 50] == 240).all()  # the third tile
+
+
+def test_three_classes_use_macro_one_vs_rest_auc():
+    from dinov2_repro.wsi.slide_eval import SlideBag, run_label_fractions
+
+    gen = torch.Generator().manual_seed(0)
+    ids, labels, bags = [], [], {}
+    for i in range(60):  # class c: one tile of each bag leans on direction c (without it, test AUC 0.43-0.67)
+        c = i % 3
+        tiles = torch.randn(6, 8, generator=gen) * 0.3
+        tiles[0, c] += 3.0
+        ids.append(f"s{i:02d}")
+        labels.append(c)
+        bags[ids[-1]] = SlideBag(ids[-1], "", torch.nn.functional.normalize(tiles, dim=1), np.zeros((6, 3)), 6)
+    slides = SlideLabels(ids, labels, ["a", "b", "c"], None)
+    train, test = held_out_split(slides, 0.5, 0)
+    out = run_label_fractions(bags, slides, train, test, SlideEvalOptions(fractions=(1.0,), seeds=(0,), epochs=30,
+                                                                          lr=1e-3), log=lambda *_: None)
+    run = out["runs"][0]
+    per_class = [run["details"]["per_class"][c]["roc_auc"] for c in "abc"]
+    assert run["roc_auc"] == pytest.approx(np.mean(per_class)) and run["roc_auc"] > 0.9
+    assert sorted(run["probabilities"]) == sorted(ids[i] for i in test) and len(test) == 30
