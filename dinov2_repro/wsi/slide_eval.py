@@ -9,9 +9,9 @@
      level, whole patients, one subset per seed).
   3. Per (fraction, seed) a `GatedAttentionMIL` is trained on the training bags and evaluated on the test bags:
      ROC-AUC (binary, or macro one-vs-rest), balanced accuracy, accuracy and macro-F1; mean +- std over the seeds.
-  4. ``metrics.json``, ``report.md`` and, per test slide, ``heatmaps/<id>.png``: the attention of the 100% model of
-     the first seed painted at its tiles over the slide's thumbnail (the tiling's ``<id>.thumbnail.png`` when it is
-     there, else a thumbnail read from the slide).
+  4. ``metrics.json``, ``report.md`` and, per test slide, ``heatmaps/<id>.png``: the attention of the 100% model
+     (the largest fraction when 100% is not run) of the first seed, painted at its tiles over the slide's thumbnail
+     (the tiling's ``<id>.thumbnail.png`` when it is there, else a thumbnail read from the slide).
 
 Python: ``evaluate_slides("runs/vits14", "tiles/", "slides.csv", "slide_eval/", SlideEvalOptions(seeds=(0, 1)))``.
 """
@@ -205,7 +205,8 @@ def bag_metrics(probabilities: Sequence[torch.Tensor], y_true: Sequence[int], cl
 
 def run_label_fractions(bags: Dict[str, SlideBag], labels: SlideLabels, train: np.ndarray, test: np.ndarray,
                         options: SlideEvalOptions = SlideEvalOptions(), log=print) -> Dict[str, Any]:
-    """Every (fraction, seed) run; returns the runs, the summary per fraction and the heatmap model's attention."""
+    """Every (fraction, seed) run; returns the runs, the summary per fraction and the attention on the test bags of
+    the heatmap model (the largest fraction, 100% by default, and the first seed)."""
     from ..eval.mil import predict_mil, train_mil
     from ..eval.metrics import summarize_runs
 
@@ -224,7 +225,7 @@ def run_label_fractions(bags: Dict[str, SlideBag], labels: SlideLabels, train: n
             runs.append(dict(fraction=float(fraction), seed=int(seed), n_train_slides=len(ids), train_slides=ids,
                              probabilities={s: p.tolist() for s, p in zip(test_ids, predicted["probabilities"])},
                              **result))
-            if attention is None and float(fraction) >= 1.0:
+            if attention is None and float(fraction) == max(map(float, options.fractions)):
                 attention = dict(fraction=float(fraction), seed=int(seed),
                                  scores={s: a for s, a in zip(test_ids, predicted["attention"])},
                                  probabilities=dict(zip(test_ids, predicted["probabilities"])))
