@@ -381,7 +381,7 @@ def render_report(result: Dict[str, Any], heatmaps: Dict[str, str], shown: Seque
 def evaluate_slides(backbone, tiles, labels_csv, out, options: SlideEvalOptions = SlideEvalOptions(),
                     cache_dir=None, progress: bool = True, log=print) -> Dict[str, Any]:
     """The whole evaluation (module doc) of ``backbone`` (a SPEC, or ``(model, info)``); writes ``out`` and returns
-    what ``metrics.json`` holds."""
+    what ``metrics.json`` holds, plus ``attention`` (the heatmap model's scores per test slide) and ``bags``."""
     from ..eval.backbone_spec import load_backbone
     from ..eval.report import write_json, write_text
 
