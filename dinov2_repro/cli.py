@@ -17,7 +17,7 @@ SUBCOMMANDS = {
     "eval": ("dinov2_repro.eval.cli", "linear probe, k-NN or fine-tuning of a backbone on labelled images"),
     "predict": ("dinov2_repro.eval.predict", "class probabilities of new images from an evaluated classifier"),
     "data": ("dinov2_repro.data.cli", "synthetic data (synth), mean/std (stats), what a folder holds (inspect)"),
-    "wsi": ("dinov2_repro.wsi.cli", "whole-slide images: tissue tiles of slides (tile), tile PNGs (export)"),
+    "wsi": ("dinov2_repro.wsi.cli", "whole slides: tissue tiles (tile), tile PNGs (export), slide-level MIL (eval)"),
     "viz": ("dinov2_repro.viz.cli", "attention maps and patch-feature PCA of a backbone (beside a random one)"),
     "curate": ("dinov2_repro.curation.cli", "data curation: embed, dedup, decontaminate, cluster, sample, retrieve"),
     "info": ("dinov2_repro.models.info", "parameters, GFLOPs and token counts of a ViT"),

@@ -64,3 +64,18 @@ def write_test_slides(folder, rgb: np.ndarray, mpp: float = 0.25):
     write_slide(folder / "stripped.tif", rgb, mpp=mpp, tiled=False)
     write_slide(folder / "nores.tif", rgb, mpp=None)
     return levels
+
+
+PLANTED = (128, 128, 128, 64)  # x, y, width, height (level-0 pixels) of the planted patch, inside the first blob
+PLANTED_RGB = (200, 110, 30)  # a saturated orange-brown (DAB-like): tissue, not ink
+
+
+def draw_planted_slide(size: int = 512, seed: int = 0, planted: bool = True):
+    """`draw_slide` of ``size`` x ``size`` with, when ``planted``, a textured orange-brown patch over `PLANTED`
+    (two 64-px tiles at the grid's origin): the "positive" tiles of a slide-level label."""
+    rgb = draw_slide(size, size, seed=seed)[0]
+    if planted:
+        x, y, w, h = PLANTED
+        noise = np.random.default_rng(seed + 1000).normal(0, 10, (h, w, 3))
+        rgb[y: y + h, x: x + w] = np.clip(np.array(PLANTED_RGB, np.float32) + noise, 0, 255).astype(np.uint8)
+    return rgb

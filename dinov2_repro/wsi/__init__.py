@@ -6,7 +6,8 @@
   grid    - the tile grid and each tile's tissue fraction
   tiler   - `tile_slides`: coordinates CSV + thumbnail per slide, resumable, parallel across slides
   tiles   - `WsiTileDataset` (``data.kind: wsi_tiles``): tiles read from the slides on access; `export_tiles`
-  cli     - ``dinov2-repro wsi tile`` and ``wsi export``
+  slide_eval - `evaluate_slides`: attention-MIL on slide labels over tile embeddings, label fractions, heatmaps
+  cli     - ``dinov2-repro wsi tile``, ``wsi export`` and ``wsi eval``
 
 The readers and scikit-image come with ``pip install dinov2_repro[wsi]`` and are imported only when used.
 """

@@ -3,17 +3,22 @@
   dinov2-repro wsi tile SLIDES... --out DIR [--mpp 0.5 | --magnification 20] [--tile-size 256] [--overlap 0]
                         [--min-tissue 0.6] [--workers 4]
   dinov2-repro wsi export TABLES --out DIR      (PNG files of the tiles + DIR/tiles.csv for data.kind=csv)
+  dinov2-repro wsi eval --backbone SPEC --tiles DIR --labels slides.csv --out DIR [--seeds 0,1,2]
+                        [--fractions 1,0.75,0.5,0.25] [--max-tiles-per-slide N]
 
 SLIDES are slide files or folders of them (searched recursively for the usual slide extensions). Per slide DIR gets
 ``<id>.tiles.csv`` (slide, level, x, y at level 0, size, tissue fraction, mpp), ``<id>.thumbnail.png`` and the
 ``<id>.done.json`` marker; a run started again skips the finished slides. Pretraining reads the tiles straight
-from the slides with ``data.kind=wsi_tiles data.path=DIR``; ``export`` is for those who want files.
+from the slides with ``data.kind=wsi_tiles data.path=DIR``; ``export`` is for those who want files. ``eval``
+trains attention-MIL on slide labels (``slide_id,label[,patient]``) over the tiles' embeddings at 100/75/50/25% of
+the training labels and writes ``metrics.json``, ``report.md`` and attention heatmaps (`wsi.slide_eval`).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import List, Optional
 
@@ -63,7 +68,65 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("tables", help="a folder of *.tiles.csv (the --out of wsi tile) or one table")
     export.add_argument("--out", required=True, help="output folder: <slide id>/<tile>.png and tiles.csv")
     export.add_argument("--no-progress", action="store_true")
+    add_eval_parser(sub)
     return parser
+
+
+def number_list(kind):
+    """An argparse type: ``"0,1,2"`` -> (0, 1, 2) of ``kind``."""
+    def parse(text: str):
+        try:
+            values = tuple(kind(v) for v in text.split(",") if v.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(f"{text!r}: {exc}") from exc
+        if not values:
+            raise argparse.ArgumentTypeError(f"{text!r}: no values")
+        return values
+    return parse
+
+
+def add_eval_parser(sub) -> None:
+    evaluate = sub.add_parser("eval", help="slide-level attention-MIL evaluation with label fractions")
+    evaluate.add_argument("--backbone", required=True, help="backbone SPEC (run dir, checkpoint, random:ARCH/PATCH)")
+    evaluate.add_argument("--tiles", required=True, help="the --out of wsi tile (a folder of *.tiles.csv)")
+    evaluate.add_argument("--labels", required=True, help="CSV slide_id,label[,patient] (patient: patient-level "
+                                                          "splits)")
+    evaluate.add_argument("--out", required=True, help="output folder: metrics.json, report.md, heatmaps/")
+    evaluate.add_argument("--seeds", type=number_list(int), default=(0, 1, 2), help="e.g. 0,1,2")
+    evaluate.add_argument("--fractions", type=number_list(float), default=(1.0, 0.75, 0.5, 0.25),
+                          help="fractions of the training slides' labels")
+    evaluate.add_argument("--test-fraction", type=float, default=0.3, help="slides of each class held out for test")
+    evaluate.add_argument("--split-seed", type=int, default=0)
+    evaluate.add_argument("--max-tiles-per-slide", type=int, default=0, help="a seeded random subset (0: all)")
+    evaluate.add_argument("--epochs", type=int, default=20)
+    evaluate.add_argument("--lr", type=float, default=2e-4)
+    evaluate.add_argument("--batch-size", type=int, default=64, help="tiles per backbone forward")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:0 ...")
+    evaluate.add_argument("--reader", choices=("auto", "openslide", "tiffslide"), default="auto")
+    evaluate.add_argument("--cache-dir", default=None, help="embedding cache (default: OUT/embeddings)")
+    evaluate.add_argument("--report-heatmaps", type=int, default=6, help="heatmaps shown in report.md")
+    evaluate.add_argument("--no-progress", action="store_true")
+
+
+def run_eval(args) -> int:
+    from ..eval.backbone_spec import BackboneSpecError, environment_device
+    from .slide_eval import SlideEvalOptions, evaluate_slides
+
+    options = SlideEvalOptions(fractions=args.fractions, seeds=args.seeds, test_fraction=args.test_fraction,
+                               split_seed=args.split_seed, max_tiles_per_slide=args.max_tiles_per_slide,
+                               epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
+                               device=environment_device(args.device), reader=args.reader,
+                               report_heatmaps=args.report_heatmaps)
+    try:
+        result = evaluate_slides(args.backbone, args.tiles, args.labels, args.out, options,
+                                 cache_dir=args.cache_dir, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError, BackboneSpecError) as exc:
+        print(f"wsi eval: {exc}", file=sys.stderr)
+        return 2
+    top = result["summary"][f"{float(options.fractions[0]):g}"]["roc_auc"]
+    print(f"{result['n_slides']} slides ({result['splits']['test']['slides']} for test); "
+          f"{float(options.fractions[0]):.0%} labels: test AUC {top['mean']:.3f}; report in {Path(args.out)}")
+    return 0
 
 
 def tile_options(args):
@@ -103,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{summary['n_tiles']} tiles in {args.out} ({summary['written']} written now, {summary['unreadable']} "
               f"unreadable); manifest {summary['manifest']} (data.kind=csv, group = slide)")
         return 0
+    if args.command == "eval":
+        return run_eval(args)
     return 2
 
 
