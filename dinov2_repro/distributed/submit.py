@@ -360,8 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: dinov2-repro submit --nodes 1 --gpus-per-node 8 --partition gpu --time 24:00:00 "
                "-- --config configs/train/vitb14_8gpu.yaml data.path=/datasets/brain_mri",
     )
-    parser.add_argument("--task", choices=("train", "eval"), default="train",
-                        help="what to run (default: train)")
+    parser.add_argument("--task", choices=("train", "eval", "wsi_tile"), default="train",
+                        help="what to run (default: train); wsi_tile: `dinov2-repro wsi tile` as a job array, "
+                             "each task tiling every N-th slide (resumable per slide)")
+    parser.add_argument("--array-tasks", type=int, default=0,
+                        help="--task wsi_tile: array size (default: one task per slide, at most 256)")
     parser.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=1,
                         help="GPUs per node; training runs one task per GPU (default 1; 0 = a CPU-only job, "
@@ -415,8 +418,8 @@ class Submission:
     slurm_parameters: Dict[str, Any]  # SlurmExecutor's own parameter names
     max_timeout_requeues: int
     python: Optional[str]
-    job: Any  # TrainJob or EvalJob
-    cfg: Any = None  # the resolved config (the SSL config, or the eval config for --task eval)
+    job: Any  # TrainJob, EvalJob, or a list of WsiTileJob (one SLURM array)
+    cfg: Any = None  # the resolved config (SSL, or eval for --task eval); wsi_tile: {slides, array_tasks}
     passthrough: List[str] = field(default_factory=list)
     dry_run: bool = False
 
@@ -446,8 +449,8 @@ def slurm_parameters(args: argparse.Namespace, task: str, cpus_default: int, job
         raise SubmitError(f"--nodes {args.nodes}: must be >= 1")
     if args.gpus_per_node < 0:
         raise SubmitError(f"--gpus-per-node {args.gpus_per_node}: must be >= 0")
-    if task == "eval" and args.nodes != 1:
-        raise SubmitError(f"--nodes {args.nodes}: evaluations run as one process on one node; use --nodes 1")
+    if task != "train" and args.nodes != 1:
+        raise SubmitError(f"--nodes {args.nodes}: --task {task} runs as one process on one node; use --nodes 1")
     cpus = args.cpus_per_task if args.cpus_per_task is not None else cpus_default
     if cpus < 1:
         raise SubmitError(f"--cpus-per-task {cpus}: must be >= 1")
@@ -520,6 +523,11 @@ def prepare_submission(argv: Sequence[str]) -> Submission:
         job = TrainJob(["--config", str(output_dir / SUBMITTED_CONFIG), "--output-dir", str(output_dir)],
                        resume=True)
         cpus_default = int(cfg.data.num_workers) + 2
+    elif args.task == "wsi_tile":
+        from dinov2_repro.wsi.slurm import prepare_tile_array
+
+        output_dir, job, n_slides = prepare_tile_array(passthrough, args.array_tasks)
+        cfg, cpus_default = {"slides": n_slides, "array_tasks": len(job)}, 4
     else:
         if not passthrough:
             raise SubmitError("--task eval needs the evaluation arguments after '--', e.g. "
@@ -596,6 +604,8 @@ def render_sbatch(submission: Submission) -> str:
     executor = _RenderOnlySlurmExecutor(submission.folder, max_num_timeout=submission.max_timeout_requeues,
                                         python=submission.python)
     executor.update_parameters(**submission.slurm_parameters)
+    if isinstance(submission.job, list):  # an array: what submitit sets when it submits one (--array=0-N%P)
+        executor.parameters["map_count"] = len(submission.job)
     return executor._make_submission_file_text(executor._submitit_command_str, "dry-run")
 
 
@@ -631,6 +641,9 @@ def describe(submission: Submission) -> str:
     if submission.task == "train":
         _, _, text = effective_batch_and_lr(submission.cfg, submission.world_size)
         lines.append(text)
+    elif submission.task == "wsi_tile":
+        lines.append(f"runs: an array of {len(submission.job)} task(s) over {submission.cfg['slides']} slide(s), "
+                     f"task I: dinov2-repro wsi {shlex.join(submission.job[0].argv[:-1])} I/{len(submission.job)}")
     else:
         lines.append(f"runs: dinov2-repro eval {shlex.join(submission.job.eval_args)}")
     lines.append(f"run directory {submission.output_dir}  (SLURM logs in {submission.folder})")
@@ -640,6 +653,8 @@ def describe(submission: Submission) -> str:
 def resolved_config_text(submission: Submission) -> str:
     from omegaconf import OmegaConf
 
+    if submission.task == "wsi_tile":  # no config: the tiling options travel on each task's command line
+        return json.dumps(submission.cfg) + "\n"
     return OmegaConf.to_yaml(submission.cfg, resolve=True)
 
 
@@ -668,14 +683,22 @@ def submit(submission: Submission, cluster: str = "slurm"):
         resume_from = resume_point(submission.output_dir)
         if resume_from is not None:
             print(f"note: {submission.output_dir} already holds a checkpoint; the job resumes from {resume_from}")
-    _freeze_inputs(submission)
+    if submission.task != "wsi_tile":
+        _freeze_inputs(submission)
     executor = make_executor(submission, cluster=cluster)
     try:
-        job = executor.submit(submission.job)
+        if isinstance(submission.job, list):  # one SLURM array
+            with executor.batch():
+                jobs = [executor.submit(task) for task in submission.job]
+            job = jobs[0]
+        else:
+            job = executor.submit(submission.job)
     except submitit.core.utils.FailedJobError as exc:  # sbatch said no (bad partition, account, limits, ...)
         raise SubmitError(f"sbatch refused the job: {str(exc).strip() or exc.__cause__}") from exc
+    submission.output_dir.mkdir(parents=True, exist_ok=True)
     append_job_record(submission.output_dir, {
         "event": "submitted", "time": _now(), "job_id": str(job.job_id), "task": submission.task,
+        "array_tasks": len(submission.job) if isinstance(submission.job, list) else None,
         "cluster": cluster, "nodes": submission.slurm_parameters["nodes"],
         "tasks_per_node": submission.slurm_parameters["ntasks_per_node"],
         "gpus_per_node": submission.slurm_parameters.get("gpus_per_node", 0),
@@ -688,11 +711,13 @@ def submit(submission: Submission, cluster: str = "slurm"):
 def dry_run_text(submission: Submission) -> str:
     """What --dry-run prints: a summary, the sbatch script and the resolved config."""
     target = submitted_config_name(submission)
+    what = ("tiling array" if submission.task == "wsi_tile"
+            else f"resolved config (saved as <run>/{target} on submission)")
     parts = ["# dinov2-repro submit --dry-run: nothing was submitted",
              "\n".join(f"# {line}" for line in describe(submission).splitlines()),
              "# ---------------- sbatch script (rendered by submitit) ----------------",
              render_sbatch(submission).rstrip("\n"),
-             f"# ---------------- resolved config (saved as <run>/{target} on submission) ----------------",
+             f"# ---------------- {what} ----------------",
              resolved_config_text(submission).rstrip("\n")]
     return "\n".join(parts) + "\n"
 

@@ -63,6 +63,9 @@ def _parser() -> argparse.ArgumentParser:
     tile.add_argument("--pen-min-saturation", type=float, default=0.4, help="blue/green ink at least this saturated")
     tile.add_argument("--black-value", type=float, default=0.15, help="HSV value below this is black ink")
     tile.add_argument("--workers", type=int, default=1, help="slides tiled in parallel (processes)")
+    tile.add_argument("--shard", type=shard_spec, default=None, metavar="I/N",
+                      help="tile only every N-th slide from the I-th (0-based) of the sorted list: one task of an "
+                           "array (dinov2-repro submit --task wsi_tile sets it)")
     tile.add_argument("--no-progress", action="store_true")
     export = sub.add_parser("export", help="PNG files of the tiles of coordinates tables (resumable)")
     export.add_argument("tables", help="a folder of *.tiles.csv (the --out of wsi tile) or one table")
@@ -70,6 +73,22 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--no-progress", action="store_true")
     add_eval_parser(sub)
     return parser
+
+
+def shard_spec(text: str):
+    """"I/N" -> (I, N) with 0 <= I < N."""
+    try:
+        index, count = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N, e.g. 0/4") from None
+    if not 0 <= index < count:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: needs 0 <= I < N")
+    return index, count
+
+
+def parse_tile_args(tile_args: List[str]) -> argparse.Namespace:
+    """`wsi tile` arguments (without the word "tile") parsed by this command's own parser."""
+    return _parser().parse_args(["tile", *tile_args])
 
 
 def number_list(kind):
@@ -147,6 +166,12 @@ def run_tile(args) -> int:
     if not slides:
         print(f"no slides ({', '.join(SLIDE_EXTENSIONS)}) in {args.slides}")
         return 1
+    if args.shard is not None:
+        index, count = args.shard
+        slides = slides[index::count]
+        print(f"shard {index}/{count}: {len(slides)} slide(s)")
+        if not slides:
+            return 0
     results = tile_slides(slides, args.out, tile_options(args), workers=args.workers, progress=not args.no_progress)
     n_tiles = sum(r["n_tiles"] for r in results["done"])
     print(f"{len(results['done'])} slide(s) tiled ({n_tiles} tiles), {len(results['skipped'])} already done, "
