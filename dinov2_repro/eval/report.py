@@ -224,6 +224,29 @@ def group_lines(groups: Optional[Dict[str, List[str]]], most: int = 20) -> List[
     return lines + [""]
 
 
+def dedup_lines(dedup: Optional[Dict[str, Any]]) -> List[str]:
+    """The near-duplicate lines of the report (none when the check was off)."""
+    if not dedup:
+        return []
+    lines = [f"Near-duplicates: {dedup['n_duplicates']} of {dedup['n_test']} test images have a training image "
+             f"within {dedup['max_distance']} bits (256-bit difference hash).", ""]
+    if dedup.get("embedding"):
+        e = dedup["embedding"]
+        lines += [f"Embedding copies: {e['n_duplicates']} of {dedup['n_test']} test images have a training image at "
+                  f"CLS cosine >= {e['min_cosine']} (`curate dedup`'s copy detection; counted, not removed above; "
+                  f"highest cosine {e['max_cosine']}).", ""]
+    return lines
+
+
+def attention_panel_lines(figure: str) -> List[str]:
+    return ["## Where the backbone looks", "",
+            "CLS attention of the backbone's last block (mean over heads; outlined: the fewest patches holding "
+            "60% of it) on test images of each class, one classified correctly and one wrongly where there "
+            "is one (first by path). For fine-tuning, the backbone before fine-tuning. More images: "
+            "`dinov2-repro viz attention --backbone SPEC --images ... --compare random`.", "",
+            f"![Attention on test images]({figure})", ""]
+
+
 def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
     mode = result["mode"]
     info = result["backbone"]
@@ -255,15 +278,7 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
                      " | ".join(_pm(stats.get(key)) for key, _ in SUMMARY_METRICS) + " |")
     lines += ["", "Values in % (ROC-AUC x 100): mean ± sample std over seeds. *acc. w/o near-dups* = accuracy on "
               "the test images with no near-duplicate (difference hash) among the training images.", ""]
-    if result.get("dedup"):
-        d = result["dedup"]
-        lines += [f"Near-duplicates: {d['n_duplicates']} of {d['n_test']} test images have a training image within "
-                  f"{d['max_distance']} bits (256-bit difference hash).", ""]
-        if d.get("embedding"):
-            e = d["embedding"]
-            lines += [f"Embedding copies: {e['n_duplicates']} of {d['n_test']} test images have a training image at "
-                      f"CLS cosine >= {e['min_cosine']} (`curate dedup`'s copy detection; counted, not removed above; "
-                      f"highest cosine {e['max_cosine']}).", ""]
+    lines += dedup_lines(result.get("dedup"))
     main = result["runs"][result["main_run"]]
     lines += [f"## Main run (train fraction {main['fraction']:.0%}, seed {main['seed']}, {main['n_train']} "
               f"training images)", ""]
@@ -279,12 +294,7 @@ def render_markdown(result: Dict[str, Any], figures: Dict[str, str]) -> str:
     if main.get("skipped"):
         lines += [f"Unreadable images left out: {main['skipped']}", ""]
     if "attention_panel" in figures:
-        lines += ["## Where the backbone looks", "",
-                  "CLS attention of the backbone's last block (mean over heads; outlined: the fewest patches holding "
-                  "60% of it) on test images of each class, one classified correctly and one wrongly where there "
-                  "is one (first by path). For fine-tuning, the backbone before fine-tuning. More images: "
-                  "`dinov2-repro viz attention --backbone SPEC --images ... --compare random`.", "",
-                  f"![Attention on test images]({figures['attention_panel']})", ""]
+        lines += attention_panel_lines(figures["attention_panel"])
     lines += ["## Files", "", "- `metrics.json`: every run's metrics, selections and curves; `config.yaml`: the "
               "resolved eval config; `splits.json`: the images of each split; `predictions.csv`: every test "
               "image's label, prediction and class probabilities."]

@@ -263,17 +263,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
 
     log(f"[{mode}] backbone {info.get('spec')}")
     (output_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    for note in splits.notes:
-        log(f"[data] NOTE: {note}")
-    counts = splits.counts()
-    warning = small_validation_warning(counts)
-    if warning:
-        log(f"[data] WARNING: {warning}")
-    log(f"[data] {data_path}: classes {splits.classes}; train {sum(counts['train'].values())}, "
-        f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())} images")
-    write_json(output_dir / "splits.json", dict(
-        classes=splits.classes, notes=splits.notes, source=splits.source,
-        **{name: [[p, splits.classes[y]] for p, y in getattr(splits, name).samples] for name in ("train", "val", "test")}))
+    _record_splits(splits, data_path, output_dir, log)
     resize, crop, mean, std = resolve_sizes(cfg.data, info)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir() / "features"  # shared by content
     workers = int(cfg.data.num_workers)
@@ -307,16 +297,7 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
             duplicate_paths = {p for (p, _), d in zip(splits.test.samples, is_dup.tolist()) if d}
         runs, skipped = _finetune_runs(model, info, splits, cfg, output_dir, device=device, crop=crop, resize=resize,
                                        mean=mean, std=std, duplicate_paths=duplicate_paths, log=log)
-    dedup_info = None
-    if duplicate_paths is not None:
-        dedup_info = dict(n_test=len(splits.test), n_duplicates=len(duplicate_paths),
-                          max_distance=int(cfg.data.dedup_max_distance), duplicates=sorted(duplicate_paths),
-                          embedding=embedding_copies)
-        log(f"[data] {len(duplicate_paths)} of {len(splits.test)} test images have a near-duplicate in train/val "
-            f"(difference hash within {cfg.data.dedup_max_distance} bits)")
-        if embedding_copies is not None:
-            log(f"[data] {embedding_copies['n_duplicates']} test images have a training image at CLS cosine >= "
-                f"{embedding_copies['min_cosine']} (embedding copy detection, reported only)")
+    dedup_info = _dedup_summary(duplicate_paths, embedding_copies, len(splits.test), cfg, log)
     if mode == "linear":  # the main run's selected head, loadable by `dinov2-repro predict`
         from .classifier import CLASSIFIER_FILE, save_linear_classifier
 
@@ -344,6 +325,36 @@ def _evaluate(mode: str, cfg, data_path, output_dir: Path, splits, model, info: 
                                                   main=_headline(result), report=str(report)))
     log(f"[{mode}] report: {report}")
     return result
+
+
+def _record_splits(splits, data_path, output_dir: Path, log) -> None:
+    """Log the split notes and sizes, and write ``splits.json`` (every sample with its class)."""
+    from .report import write_json
+
+    for note in splits.notes:
+        log(f"[data] NOTE: {note}")
+    counts = splits.counts()
+    warning = small_validation_warning(counts)
+    if warning:
+        log(f"[data] WARNING: {warning}")
+    log(f"[data] {data_path}: classes {splits.classes}; train {sum(counts['train'].values())}, "
+        f"val {sum(counts['val'].values())}, test {sum(counts['test'].values())} images")
+    write_json(output_dir / "splits.json", dict(
+        classes=splits.classes, notes=splits.notes, source=splits.source,
+        **{name: [[p, splits.classes[y]] for p, y in getattr(splits, name).samples] for name in ("train", "val", "test")}))
+
+
+def _dedup_summary(duplicate_paths, embedding_copies, n_test: int, cfg, log) -> Optional[Dict[str, Any]]:
+    """The report's near-duplicate section (None when the check was off), logged."""
+    if duplicate_paths is None:
+        return None
+    log(f"[data] {len(duplicate_paths)} of {n_test} test images have a near-duplicate in train/val "
+        f"(difference hash within {cfg.data.dedup_max_distance} bits)")
+    if embedding_copies is not None:
+        log(f"[data] {embedding_copies['n_duplicates']} test images have a training image at CLS cosine >= "
+            f"{embedding_copies['min_cosine']} (embedding copy detection, reported only)")
+    return dict(n_test=n_test, n_duplicates=len(duplicate_paths), max_distance=int(cfg.data.dedup_max_distance),
+                duplicates=sorted(duplicate_paths), embedding=embedding_copies)
 
 
 def _headline(result: Dict[str, Any]) -> Dict[str, Any]:
