@@ -71,6 +71,25 @@ def time_iterations(step: Callable[[], Any], iters: int, warmup: int, device: to
     return times
 
 
+def time_steps(step: Callable[[], Any], warmup: int, iters: int, device: torch.device):
+    """A training-step benchmark's timing: the first call alone (it compiles and allocates), ``warmup - 1`` more
+    untimed, then ``iters`` timed. Returns (first call's result, its seconds, the timed seconds, `PeakMemory`);
+    on CUDA the peak covers the timed iterations only, on CPU everything from the first call."""
+    with PeakMemory(device) as memory:
+        synchronize(device)
+        start = time.perf_counter()
+        first = step()
+        synchronize(device)
+        first_s = time.perf_counter() - start
+        for _ in range(max(0, warmup - 1)):
+            step()
+        if device.type == "cuda":  # steady state: peak over the timed iterations only
+            synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        times = time_iterations(step, iters, 0, device)
+    return first, first_s, times, memory
+
+
 def summarize_times(times: Sequence[float]) -> Dict[str, float]:
     """mean / median / min / max / std (seconds) of per-iteration times."""
     times = list(times)

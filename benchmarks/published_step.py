@@ -28,7 +28,6 @@ import contextlib
 import os
 import random
 import sys
-import time
 import types
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -39,8 +38,8 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import torch
 from torch import nn
 
-from benchmarks.common import (PeakMemory, environment_info, fmt_bytes, resolve_device, summarize_times,
-                               synchronize, time_iterations, write_json)
+from benchmarks.common import (environment_info, fmt_bytes, resolve_device, summarize_times, time_steps,
+                               write_json)
 
 ARCHES = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large"}
 # One fixed point of the published schedules (mid warm-up); the values do not change the step's cost.
@@ -48,22 +47,6 @@ LR, WD, MOMENTUM, TEACHER_TEMP = 1e-4, 0.04, 0.994, 0.05
 
 
 # ---------------------------------------------------------------------------------------------- import
-
-
-def xformers_status(device: torch.device) -> str:
-    """'' when xFormers' memory-efficient attention runs on `device` with a block-diagonal bias, else why not."""
-    if device.type != "cuda":
-        return "xFormers runs on CUDA only"
-    try:
-        from xformers.ops import fmha
-
-        q = torch.randn(1, 64, 4, 32, device=device, dtype=torch.bfloat16)
-        bias, _ = fmha.BlockDiagonalMask.from_tensor_list([q[:, :32], q[:, 32:]])
-        fmha.memory_efficient_attention(q, q, q, attn_bias=bias)
-        torch.cuda.synchronize(device)
-        return ""
-    except Exception as exc:  # noqa: BLE001 - any failure means the plain path is measured, and why is kept
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
 
 
 class _BlockDiagonalStandIn:
@@ -224,7 +207,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def choose_attention(args: argparse.Namespace, device: torch.device) -> Dict[str, str]:
     if args.attention == "plain":
         return {"path": "plain", "why": "--attention plain"}
-    problem = xformers_status(device)
+    from dinov2_repro.layers.attention import xformers_cuda_problem
+
+    problem = xformers_cuda_problem() if device.type == "cuda" else "xFormers runs on CUDA only"
     if not problem:
         return {"path": "xformers", "why": "xFormers memory-efficient attention runs here"}
     if args.attention == "xformers":
@@ -258,17 +243,7 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         counter["i"] += 1
         return losses
 
-    with PeakMemory(device) as memory:
-        synchronize(device)
-        start = time.perf_counter()
-        first_losses = one_step()
-        first_s = time.perf_counter() - start
-        for _ in range(max(0, args.warmup - 1)):
-            one_step()
-        if device.type == "cuda":
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times = time_iterations(one_step, args.iters, 0, device)
+    first_losses, first_s, times, memory = time_steps(one_step, args.warmup, args.iters, device)
     stats = summarize_times(times)
     images_per_s = args.batch_size / stats["mean_s"]
     result.update(batch_size=args.batch_size, first_iteration_s=first_s, first_losses=first_losses, times_s=times,

@@ -37,9 +37,9 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `dinov2_
 import torch
 from torch import nn
 
-from benchmarks.common import (PeakMemory, count_macs_fvcore, count_macs_torch, environment_info, fmt_bytes,
-                               fmt_si, is_oom, measure_matmul_peak, resolve_device, summarize_times, synchronize,
-                               time_iterations, write_json)
+from benchmarks.common import (count_macs_fvcore, count_macs_torch, environment_info, fmt_bytes, fmt_si, is_oom,
+                               measure_matmul_peak, resolve_device, summarize_times, synchronize, time_steps,
+                               write_json)
 
 ARCH_ALIASES = {"vits14": "vit_small", "vitb14": "vit_base", "vitl14": "vit_large", "vitg14": "vit_giant2",
                 "vit_s": "vit_small", "vit_b": "vit_base", "vit_l": "vit_large", "vit_g": "vit_giant2"}
@@ -423,18 +423,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
         counter["i"] += 1
 
     # First iteration separately: it includes compilation / autotuning / optimiser-state allocation.
-    with PeakMemory(device) as memory:  # CPU: from before the first step (optimiser state included)
-        synchronize(device)
-        start = time.perf_counter()
-        one_step()
-        synchronize(device)
-        first_s = time.perf_counter() - start
-        for _ in range(max(0, args.warmup - 1)):
-            one_step()
-        if device.type == "cuda":  # steady state: peak over the timed iterations only
-            synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        times = time_iterations(one_step, args.iters, 0, device)
+    # CPU peak memory: from before the first step (optimiser state included)
+    _, first_s, times, memory = time_steps(one_step, args.warmup, args.iters, device)
     stats = summarize_times(times)
     images_per_s = batch_size / stats["mean_s"]
     result.update(batch_size=batch_size, first_iteration_s=first_s, times_s=times, time_stats=stats,
