@@ -258,16 +258,19 @@ def build_ssl_data_loader(cfg, rank: int = 0, world_size: int = 1, start_iter: i
     if str(cfg.data.augmentation_device) == "cuda":
         return build_device_augment_loader(cfg, rank, world_size, start_iter)
     dataset = dataset if dataset is not None else build_ssl_dataset(cfg)
-    batch_size = int(cfg.train.batch_size_per_gpu)
-    seed = int(cfg.train.seed)
+    collate = SSLCollate(build_mask_generator(cfg), mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
+                         mask_probability=float(cfg.ibot.mask_sample_probability), seed=int(cfg.train.seed),
+                         local_crops_size=int(cfg.crops.local_crops_size))
+    return sharded_loader(cfg, dataset, collate, rank, world_size, start_iter, torch.cuda.is_available())
+
+
+def sharded_loader(cfg, dataset, collate, rank: int, world_size: int, start_iter: int, pin: bool):
+    """The infinite, rank-sharded, resumable pretraining DataLoader over ``dataset`` with ``collate``."""
+    batch_size, seed = int(cfg.train.batch_size_per_gpu), int(cfg.train.seed)
     sampler = InfiniteShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,
                                      start=int(start_iter) * batch_size, shuffle=True, with_positions=True)
-    collate = SSLCollate(build_mask_generator(cfg), mask_ratio_tuple=tuple(cfg.ibot.mask_ratio_min_max),
-                         mask_probability=float(cfg.ibot.mask_sample_probability), seed=seed,
-                         local_crops_size=int(cfg.crops.local_crops_size))
-    num_workers = int(cfg.data.num_workers)
-    return make_data_loader(dataset, batch_size, sampler, collate, num_workers=num_workers, seed=seed, rank=rank,
-                            pin_memory=bool(cfg.data.pin_memory) and torch.cuda.is_available(),
+    return make_data_loader(dataset, batch_size, sampler, collate, num_workers=int(cfg.data.num_workers), seed=seed,
+                            rank=rank, pin_memory=bool(cfg.data.pin_memory) and pin,
                             persistent_workers=bool(cfg.data.persistent_workers),
                             prefetch_factor=int(cfg.data.prefetch_factor), drop_last=True)
 
@@ -290,16 +293,10 @@ def build_device_augment_loader(cfg, rank: int = 0, world_size: int = 1, start_i
     from .batched_augment import (BatchedMultiCrop, DeviceAugmentCollate, DeviceAugmentDraws,
                                   DeviceAugmentedLoader, recipe_from_config)
 
-    images = build_pretraining_images(cfg)
-    recipe, seed, batch_size = recipe_from_config(cfg), int(cfg.train.seed), int(cfg.train.batch_size_per_gpu)
-    device = augmentation_device(cfg)
-    dataset = MultiCropDataset(images, DeviceAugmentDraws(recipe, int(cfg.data.augmentation_max_side)), seed=seed)
-    sampler = InfiniteShardedSampler(len(dataset), rank=rank, world_size=world_size, seed=seed,
-                                     start=int(start_iter) * batch_size, shuffle=True, with_positions=True)
+    recipe, seed, device = recipe_from_config(cfg), int(cfg.train.seed), augmentation_device(cfg)
+    draws = DeviceAugmentDraws(recipe, int(cfg.data.augmentation_max_side))
+    dataset = MultiCropDataset(build_pretraining_images(cfg), draws, seed=seed)
     collate = DeviceAugmentCollate(recipe, build_mask_generator(cfg), tuple(cfg.ibot.mask_ratio_min_max),
                                    float(cfg.ibot.mask_sample_probability), seed=seed)
-    loader = make_data_loader(dataset, batch_size, sampler, collate, num_workers=int(cfg.data.num_workers),
-                              seed=seed, rank=rank, pin_memory=bool(cfg.data.pin_memory) and device.type == "cuda",
-                              persistent_workers=bool(cfg.data.persistent_workers),
-                              prefetch_factor=int(cfg.data.prefetch_factor), drop_last=True)
+    loader = sharded_loader(cfg, dataset, collate, rank, world_size, start_iter, device.type == "cuda")
     return DeviceAugmentedLoader(loader, BatchedMultiCrop(recipe, device))
