@@ -37,7 +37,6 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import this checkout's dinov2_repro, not an installed one
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-COLOUR_SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
@@ -47,8 +46,10 @@ def colour_images(n: int, size: int = 512):
     from PIL import Image
     from skimage import data
 
+    from benchmarks.common import SKIMAGE_COLOUR_PHOTOS
+
     sources = []
-    for name in COLOUR_SOURCES:
+    for name in SKIMAGE_COLOUR_PHOTOS:
         image = Image.fromarray(getattr(data, name)()[..., :3])
         short = min(image.size)
         if short < size:  # chelsea, coffee, rocket: upscale so that a full crop fits

@@ -25,6 +25,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+# The colour photographs shipped inside scikit-image that the benchmarks cut their colour test images from
+# (nothing is downloaded).
+SKIMAGE_COLOUR_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina",
+                         "hubble_deep_field")
+
 # ---------------------------------------------------------------------------------------------- devices
 
 

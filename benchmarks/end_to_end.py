@@ -35,6 +35,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` and `dinov2_
 
 import torch
 
+from benchmarks.common import SKIMAGE_COLOUR_PHOTOS as PHOTOS
 from benchmarks.common import environment_info, fmt_bytes, resolve_device, synchronize, write_json
 from benchmarks.train_step import ARCH_ALIASES, TrainStep, apply_policies, build_meta_arch, local_crop_size_for
 
@@ -59,9 +60,6 @@ def write_jpeg_dataset(out_dir: Path, n_images: int, size: int, quality: int = 9
         total_bytes += path.stat().st_size
     return {"n_images": n_images, "size": size, "quality": quality, "seconds": time.perf_counter() - start,
             "mean_file_bytes": total_bytes / max(1, n_images), "source": "phantoms (gray)"}
-
-
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry", "retina", "hubble_deep_field")
 
 
 def write_photo_dataset(out_dir: Path, n_images: int, size: int, quality: int = 90, seed: int = 0) -> Dict[str, Any]:
