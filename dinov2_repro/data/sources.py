@@ -166,3 +166,30 @@ def _dicom_part(csv_path, table: CsvDataset, rows: List[int], cfg_data):
     labels = {path: table.samples[r][1] for path, r in row_of_file.items()}
     part = dicom_files_dataset(sorted(row_of_file), table.classes, table.root, labels, cfg_data)
     return part, [row_of_file[part.series[uid][0]] for uid, _ in part.slice_index]
+
+
+def open_unlabelled(path: os.PathLike | str, what: str = "--data") -> ImageFileDataset:
+    """What a user points a command at, unlabelled: one image, NIfTI volume or DICOM file (a volume gives its kept
+    slices), a folder (images only, or images, volumes and series mixed) or a CSV manifest of any of those.
+    ``what`` names the option in the one-line errors."""
+    from .datasets import UnlabeledFolderDataset
+    from .loaders import build_image_dataset, volume_files_kind
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{what} {path}: no such file or folder")
+    if path.suffix.lower() == ".csv":
+        return build_image_dataset(str(path), "csv", labelled=False)
+    if path.is_dir():
+        kind = volume_files_kind(path)
+        return UnlabeledFolderDataset(path) if kind is None else build_image_dataset(str(path), kind, labelled=False)
+    kind = file_kind(str(path))
+    if kind == "image":
+        return ImageFileDataset([(str(path), UNLABELED)], [], str(path.parent))
+    if kind is None:
+        raise ValueError(f"{what} {path}: not an image, NIfTI volume (.nii, .nii.gz), DICOM file or CSV manifest")
+    dataset = (VolumeSliceDataset([str(path)], [], str(path.parent)) if kind == "nifti"
+               else dicom_files_dataset([str(path)], [], str(path.parent), {}))
+    if not len(dataset):
+        raise ValueError(f"{what} {path}: no readable slice with enough foreground in this volume")
+    return dataset

@@ -38,36 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def open_images(data: str):
-    """One image or volume, a folder (recursive; images, NIfTI volumes and DICOM series, mixed or not) or a CSV
-    manifest of any of those -> an `ImageFileDataset` (labels, if any, unused). A volume gives one row per kept
-    slice (``<file>::<axis>=<index>``), read with the default volume settings."""
-    from ..data.datasets import ImageFileDataset, UnlabeledFolderDataset
-    from ..data.loaders import build_image_dataset, volume_files_kind
+    """One image or volume, a folder (recursive; images, volumes and DICOM series alike) or a CSV manifest of any
+    of those -> an `ImageFileDataset` (labels, if any, unused); a volume gives one row per kept slice
+    (``<file>::<axis>=<index>``), read with the default volume settings."""
+    from ..data.sources import open_unlabelled
 
-    path = Path(data)
-    if not path.exists():
-        raise FileNotFoundError(f"--data {data}: no such file or folder")
-    if path.suffix.lower() == ".csv":
-        return build_image_dataset(str(path), "csv", labelled=False)
-    kind = volume_files_kind(path)
-    if kind is not None and path.is_file():
-        return volume_file_dataset(path, kind)
-    if kind is not None:
-        return build_image_dataset(str(path), kind, labelled=False)
-    if path.is_dir():
-        return UnlabeledFolderDataset(path)
-    return ImageFileDataset([(str(path), -1)], [], str(path.parent))
-
-
-def volume_file_dataset(path: Path, kind: str):
-    """The kept slices of one NIfTI file or one DICOM file, unlabelled."""
-    if kind == "nifti":
-        from ..data.volumes import VolumeSliceDataset
-
-        return VolumeSliceDataset([str(path)], [], str(path.parent))
-    from ..data.dicom import dicom_files_dataset
-
-    return dicom_files_dataset([str(path)], [], str(path.parent), {}, None)
+    return open_unlabelled(data, "--data")
 
 
 def write_predictions(path: Path, predictions: Predictions) -> None:

@@ -32,28 +32,9 @@ class VizImage:
 
 def open_path(path: os.PathLike | str):
     """One ``--images`` entry -> an `ImageFileDataset` (unlabelled). Raises naming the path when it holds nothing."""
-    from ..data.datasets import UNLABELED, ImageFileDataset
-    from ..data.dicom import dicom_files_dataset
-    from ..data.sources import file_kind, mixed_folder_dataset
-    from ..data.volumes import VolumeSliceDataset
+    from ..data.sources import open_unlabelled
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--images {path}: no such file or folder")
-    if path.is_dir():
-        return mixed_folder_dataset(path, labelled=False)
-    kind = file_kind(str(path))
-    if kind == "image":
-        return ImageFileDataset([(str(path), UNLABELED)], [], str(path.parent))
-    if kind == "nifti":
-        dataset = VolumeSliceDataset([str(path)], [], str(path.parent))
-    elif kind == "dicom":
-        dataset = dicom_files_dataset([str(path)], [], str(path.parent), {})
-    else:
-        raise ValueError(f"--images {path}: not an image, NIfTI volume (.nii, .nii.gz) or DICOM file")
-    if not len(dataset):
-        raise ValueError(f"--images {path}: no readable slice with enough foreground in this volume")
-    return dataset
+    return open_unlabelled(path, "--images")
 
 
 def evenly_spaced(n: int, k: int) -> List[int]:
