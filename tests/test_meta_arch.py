@@ -323,3 +323,24 @@ def test_cuda_bf16_autocast_step_with_fused_adamw():
     optimizer.step()
     model.update_teacher(0.99)
     assert all(torch.isfinite(p).all() for p in model.teacher.parameters())
+
+
+def test_teacher_head_batchnorm_uses_batch_statistics_while_training():
+    """With head_use_bn the EMA never moves the teacher's running statistics (buffers), so in eval mode its
+    BatchNorm would stay the identity of its init. While training it normalises with the batch's statistics
+    (DINO v1's teacher): per channel, mean 0 and variance 1 over the batch, unlike the input."""
+    model = SSLMetaArch(tiny_cfg("dino.head_use_bn=true"))
+    model.train()
+    head = model.teacher["dino_head"]
+    norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert norms and all(m.training for m in norms)
+    assert not model.teacher["backbone"].training
+    seen = {}
+    norms[0].register_forward_hook(lambda m, i, o: seen.update(inp=i[0], out=o))
+    with torch.no_grad():
+        head(torch.randn(16, 32) * 3.0 + 2.0)
+    assert seen["inp"].mean(0).abs().max() > 0.1  # the layer has work to do
+    torch.testing.assert_close(seen["out"].mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["out"].var(0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
+    model.eval()
+    assert all(not m.training for m in model.teacher.modules())

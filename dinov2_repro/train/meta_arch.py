@@ -103,9 +103,18 @@ class SSLMetaArch(nn.Module):
 
     # ------------------------------------------------------------------ modes
     def train(self, mode: bool = True) -> "SSLMetaArch":
-        """Switch the student (and loss modules) to train/eval; the teacher always stays in eval mode."""
+        """Switch the student (and loss modules) to train/eval; the teacher stays in eval mode, except the
+        BatchNorm layers of its heads (``head_use_bn``), which use batch statistics while training, as DINO v1's
+        teacher does: the EMA moves parameters, not running statistics, so in eval mode they would stay at their
+        initial values (mean 0, variance 1) and the layer would do nothing."""
         super().train(mode)
         self.teacher.eval()
+        if mode:
+            for name, module in self.teacher.named_children():
+                if name != "backbone":
+                    for layer in module.modules():
+                        if isinstance(layer, (nn.BatchNorm1d, nn.SyncBatchNorm)):
+                            layer.train()
         return self
 
     def forward(self, batch: Mapping[str, Any], teacher_temp: float) -> Dict[str, Tensor]:
