@@ -27,7 +27,7 @@ import numpy as np
 
 DEFAULT_SIDE = 64
 DEFAULT_SCALES = tuple(round(1.0 - 0.02 * i, 2) for i in range(11))  # 1.00, 0.98, ..., 0.80: crops down to 80 %
-DEFAULT_VERIFY_THRESHOLD = 0.8  # calibration: docs/curation.md
+DEFAULT_VERIFY_THRESHOLD = 0.85  # calibration: docs/curation.md
 BAND = (0.7, 4.0)  # difference-of-Gaussians sigmas in thumbnail pixels: detail kept, shading removed
 FLAT_STD = 1e-3  # band-passed grey levels (0-1) below this spread carry no structure to compare
 FEATURE_CACHE = 256  # images whose features are kept (about 0.25 MB each at the defaults)
@@ -248,5 +248,31 @@ def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
                 return np.asarray(image.convert("RGB"))
         except (OSError, ValueError, SyntaxError):  # PIL raises SyntaxError for some corrupt headers
             return None
+
+    return load
+
+
+def embedding_loader(emb, log=print) -> Callable[[int], object]:
+    """``load(row)`` for the rows of `embed.Embeddings` ``emb``: decoded through the dataset code `embed` used
+    (so volume slices ``file.nii.gz::axis=k``, DICOM series and slide tiles decode as they were embedded) as
+    (H, W, C) uint8 arrays, None when unreadable. A row whose sample no longer matches its path (the data changed
+    since `embed`), or every row when the dataset cannot be reopened, is read as a plain image file instead; a
+    path that is not one (a slice) then counts as unreadable."""
+    from .embed import open_dataset
+
+    files = file_loader(emb.paths)
+    try:
+        dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
+    except (OSError, ValueError, RuntimeError, ImportError) as exc:
+        log(f"[verify] warning: cannot reopen {emb.params.get('data')} ({exc}); reading rows as plain image files "
+            f"(volume slices and slide tiles will count as unreadable)")
+        return files
+
+    def load(row: int):
+        sample = emb.samples[row]
+        if not (0 <= sample < len(dataset) and dataset.samples[sample][0] == emb.paths[row]):
+            return files(row)
+        image = dataset.load_image(sample)  # uint8 (C, H, W) tensor, or None (the dataset warned once)
+        return None if image is None else image.permute(1, 2, 0).numpy()
 
     return load
