@@ -4,7 +4,8 @@ Embedding k-NN proposes candidate pairs at a loose cosine; each candidate is the
 images become ``side`` x ``side`` grey thumbnails (64 by default), band-passed (a difference of Gaussians, so that
 two smooth tiles of one sky or one gradient do not correlate on their shading alone), and each is searched inside
 the other with normalised cross-correlation (NCC) over every translation and a grid of scales (the template is the
-thumbnail shrunk to ``round(side * k)`` for each ``k``). The score is the best NCC found: near 1 for a resized,
+thumbnail shrunk to ``round(side * k)`` for each ``k``). The score is the best NCC found (refined between pixels
+by a parabola through the peak, as a crop's offset is rarely a whole thumbnail pixel): near 1 for a resized,
 recompressed or brightness/contrast-shifted copy (NCC ignores gain and offset) and for a crop of ``k`` of each side
 resized back (the shrunk crop sits inside the original), low for distinct images. This is template matching by
 FFT (Lewis 1995, "Fast normalized cross-correlation", as in ``skimage.feature.match_template``: correlation by FFT,
@@ -131,14 +132,37 @@ def image_features(thumb: np.ndarray, scales: Sequence[float] = DEFAULT_SCALES,
                     np.conj(np.fft.rfft2(templates)).astype(np.complex64), bool(x.std() < FLAT_STD))
 
 
-def directed_ncc(search: Features, template: Features) -> float:
-    """Best NCC of ``template``'s shrunk thumbnails over every window of ``search``. The circular correlation of a
-    template placed at the origin is exact at the windows that stay inside the image, the only ones ``inv_norm``
-    keeps, so only its first R rows are transformed back."""
+def ncc_surfaces(search: Features, template: Features) -> np.ndarray:
+    """(K, R, S) NCC of ``template``'s shrunk thumbnail k with the window of ``search`` whose top-left corner is
+    (u, v), 0 where that window leaves the image. The circular correlation of a template placed at the origin is
+    exact at the windows that stay inside the image, the only ones ``inv_norm`` keeps, so only its first R rows are
+    transformed back."""
     side, rows = search.inv_norm.shape[-1], search.inv_norm.shape[1]
     columns = np.fft.ifft(search.spectrum[None] * template.templates, axis=1)[:, :rows]
-    corr = np.fft.irfft(columns, n=side, axis=2)
-    return float((corr * search.inv_norm).max())
+    return np.fft.irfft(columns, n=side, axis=2) * search.inv_norm
+
+
+def directed_ncc(search: Features, template: Features) -> float:
+    """Best NCC of ``template``'s shrunk thumbnails over every window of ``search``, refined between pixels."""
+    ncc = ncc_surfaces(search, template)
+    k, u, v = np.unravel_index(int(ncc.argmax()), ncc.shape)
+    return refined_peak(ncc[k], search.inv_norm[k] > 0, u, v)
+
+
+def refined_peak(surface: np.ndarray, valid: np.ndarray, u: int, v: int) -> float:
+    """The NCC peak at (u, v) of ``surface`` (R, S), refined by a parabola through it and its valid neighbours along
+    each axis: the value between grid positions, where a copy shifted by a fraction of a thumbnail pixel peaks."""
+    peak = float(surface[u, v])
+    gain = 0.0
+    for du, dv in ((1, 0), (0, 1)):
+        a, b = (u - du, v - dv), (u + du, v + dv)
+        if min(a) < 0 or b[0] >= surface.shape[0] or b[1] >= surface.shape[1] or not (valid[a] and valid[b]):
+            continue
+        low, high = float(surface[a]), float(surface[b])
+        curvature = 2 * peak - low - high
+        if curvature > 1e-9:
+            gain += (high - low) ** 2 / (8 * curvature)
+    return min(1.0, peak + gain)
 
 
 def pair_ncc(a: Features, b: Features) -> float:
