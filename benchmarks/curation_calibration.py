@@ -174,6 +174,11 @@ def verified_grids(emb, truth: np.ndarray) -> None:
     print(f"\nVerification: {len(pairs)} k-NN pairs (k {max(KS)}, cosine >= {min(CANDIDATE_THRESHOLDS)}) in "
           f"{verification.seconds:.1f} s: {1e3 * verification.seconds / max(1, len(pairs)):.3f} ms per pair "
           f"(decoding, thumbnails and features included); {ncc_timing(emb)}")
+    same = truth[pairs[:, 0]] == truth[pairs[:, 1]]
+    copies, distinct = verification.scores[same], verification.scores[~same]
+    print(f"NCC of those pairs: copies of one tile 1 % {np.nanpercentile(copies, 1):.3f}, median "
+          f"{np.nanmedian(copies):.3f}; different tiles 99.9 % {np.nanpercentile(distinct, 99.9):.3f}, max "
+          f"{np.nanmax(distinct):.3f}")
     print(f"\nVerified, k {DEFAULT_CANDIDATE_K}: precision / recall (kept); 'before' = recall of the candidates "
           f"with perfect verification")
     print("| candidate cosine | before | " + " | ".join(f"NCC {v}" for v in VERIFY_THRESHOLDS) + " |")
