@@ -139,3 +139,37 @@ def test_the_fft_ncc_is_skimage_match_template(photo):
         template = (matrices[k] @ band_pass(b) @ matrices[k].T)[:size, :size]
         expected = match_template(band_pass(a), template)  # (65 - size, 65 - size)
         assert np.allclose(surfaces[k][:65 - size, :65 - size], expected, atol=2e-4)
+
+
+def test_volume_slices_are_verified_through_the_dataset_and_a_vanished_folder_is_said(tmp_path, capsys):
+    """Slices (``scan.nii.gz::axial=k``) are decoded as `embed` decoded them; with the data folder gone, each row
+    is tried as a plain file, counted unreadable, named, and its pairs decided by the cosine alone."""
+    nib = pytest.importorskip("nibabel")
+    pytest.importorskip("faiss")
+    from dinov2_repro.curation.cli import main
+
+    from test_curation_dedup import TINY
+
+    volume = np.stack([np.asarray(shapes(i, 48).convert("L"), np.float32) for i in range(8)], axis=-1)
+    volume[..., 6] = volume[..., 2] + 30 + np.random.default_rng(0).normal(0, 2, (48, 48))  # a shifted copy
+    (tmp_path / "data").mkdir()
+    nib.save(nib.Nifti1Image(volume, np.eye(4)), str(tmp_path / "data" / "scan.nii.gz"))
+    assert main(["embed", "--data", str(tmp_path / "data"), "--backbone", TINY, "--out", str(tmp_path / "emb"),
+                 "--no-progress"]) == 0
+    assert main(["dedup", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "dedup"),
+                 "--no-progress", "--no-figure"]) == 0
+    with open(tmp_path / "dedup" / "edges.csv") as handle:
+        edges = [(e["path_a"].rsplit("/", 1)[-1], e["path_b"].rsplit("/", 1)[-1], e["how"])
+                 for e in csv.DictReader(handle)]
+    assert edges == [("scan.nii.gz::axial=2", "scan.nii.gz::axial=6", "ncc")]
+
+    (tmp_path / "data").rename(tmp_path / "moved")
+    assert main(["dedup", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "again"),
+                 "--no-progress", "--threshold", "0.9"]) == 0
+    log = capsys.readouterr().out
+    assert "cannot reopen" in log and "8 image(s) could not be read for verification" in log
+    assert main(["dedup", "--embeddings", str(tmp_path / "emb"), "--out", str(tmp_path / "plain"),
+                 "--no-verify"]) == 0  # nothing to draw the example pairs from: said, and the lists still written
+    assert "no pairs.png" in capsys.readouterr().out and (tmp_path / "plain" / "kept.csv").is_file()
+    params = json.loads((tmp_path / "again" / "params.json").read_text())
+    assert params["n_unreadable"] == 8 and params["n_unverified_near_pairs"] >= 1  # the cosine rule still applies

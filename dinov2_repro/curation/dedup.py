@@ -238,8 +238,12 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
     shown = ~np.isnan(scores)
     examples = example_pairs(result.pairs[shown], scores[shown], cut) if figure else []
     if examples:
-        dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
-        pairs_figure(out_dir / "pairs.png", dataset, emb.samples, examples, cut, measure)
+        try:
+            dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
+            pairs_figure(out_dir / "pairs.png", dataset, emb.samples, examples, cut, measure)
+        except (OSError, ValueError) as exc:  # the data moved since `embed`: the lists are still right
+            log(f"[dedup] warning: no pairs.png, the images could not be opened ({exc})")
+            examples = []
     write_dedup_report(out_dir, params, result.similarity, "pairs.png" if examples else "",
                        result.ncc[shown] if verify else None)
     write_params(out_dir, "dedup", params)

@@ -278,7 +278,7 @@ def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
 
 def embedding_loader(emb, log=print) -> Callable[[int], object]:
     """``load(row)`` for the rows of `embed.Embeddings` ``emb``: decoded through the dataset code `embed` used
-    (so volume slices ``file.nii.gz::axis=k``, DICOM series and slide tiles decode as they were embedded) as
+    (so volume slices ``scan.nii.gz::axial=2``, DICOM series and slide tiles decode as they were embedded) as
     (H, W, C) uint8 arrays, None when unreadable. A row whose sample no longer matches its path (the data changed
     since `embed`), or every row when the dataset cannot be reopened, is read as a plain image file instead; a
     path that is not one (a slice) then counts as unreadable."""
