@@ -115,7 +115,8 @@ def embedding_only(emb, truth: np.ndarray) -> None:
     print(f"cosine distinct nearest:    median {np.median(distinct_max):.3f}, "
           f"99% {np.percentile(distinct_max, 99):.3f}, max {distinct_max.max():.3f}")
     print_kinds(emb, truth, sims)
-    print("\nEmbeddings alone (--no-verify, k 16):\n| threshold | precision | recall | kept |\n| ---: | ---: | ---: | ---: |")
+    print("\nEmbeddings alone (--no-verify, k 16):")
+    print("| threshold | precision | recall | kept |\n| ---: | ---: | ---: | ---: |")
     for threshold in THRESHOLDS:
         result = deduplicate(emb.vectors, emb.hashes, emb.paths, threshold=threshold, k=16)
         score = pair_scores(result_labels(result), truth)
@@ -232,8 +233,9 @@ def verified_kinds(emb, truth: np.ndarray, result, pairs: np.ndarray, scores: np
     names = [Path(p).stem for p in emb.paths]
     original = {truth[r]: r for r, n in enumerate(names) if not n.endswith(COPY_KINDS)}
     ncc = dict(zip(map(tuple, pairs.tolist()), scores.tolist()))
-    print("\nPer kind of copy, at the defaults:\n| kind | NCC to original: min | 1 % | median | pair verified (k 128, cos >= 0.3) | "
-          "grouped with original (verified) | (embeddings alone, 0.98) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\nPer kind of copy, at the defaults:")
+    print("| kind | NCC to original: min | 1 % | median | pair verified (k 128, cos >= 0.3) | grouped with original "
+          "(verified) | (embeddings alone, 0.98) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in COPY_KINDS:
         rows = [r for r, n in enumerate(names) if n.endswith(kind)]
         heads = [original[truth[r]] for r in rows]
