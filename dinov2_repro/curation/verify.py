@@ -36,11 +36,12 @@ THUMB_CACHE = 1 << 18  # images whose uint8 thumbnails are kept (side**2 bytes e
 
 
 def gray_thumbnail(image, side: int = DEFAULT_SIDE) -> np.ndarray:
-    """(H, W) or (H, W, C) array (uint8 0-255 or float 0-1) or PIL image -> float32 (side, side) grey in [0, 1]."""
+    """(H, W) or (H, W, C) array (integers over their dtype's range, floats in [0, 1]) or PIL image -> float32
+    (side, side) grey in [0, 1]."""
     from PIL import Image
 
     array = np.asarray(image)
-    scale = 255.0 if array.dtype == np.uint8 else 1.0
+    scale = float(np.iinfo(array.dtype).max) if np.issubdtype(array.dtype, np.integer) else 1.0
     array = array.astype(np.float32) / scale
     if array.ndim == 3:
         array = array[..., :3] @ np.array([0.299, 0.587, 0.114], np.float32) if array.shape[2] >= 3 \
@@ -198,7 +199,7 @@ class FeatureCache:
         if image is None:
             self.failed[row] = None
             return None
-        thumb = np.round(gray_thumbnail(image, self.side) * 255).astype(np.uint8)
+        thumb = np.round(np.clip(gray_thumbnail(image, self.side), 0, 1) * 255).astype(np.uint8)
         remember(self.thumbs, row, thumb, THUMB_CACHE)
         return thumb
 
