@@ -43,3 +43,9 @@ def test_decontamination_removes_exactly_the_planted_overlaps(tmp_path):
     assert main(["decontaminate", "--embeddings", str(tmp_path / "emb"), "--against", str(out / "against"),
                  "--out", str(tmp_path / "again"), "--threshold", "0.995"]) == 0
     assert (tmp_path / "again" / "removed.csv").read_text() == (out / "removed.csv").read_text()
+    assert params["verify"] and params["n_verified_pairs"] == 3  # the three leaks (the exact one too) on pixels
+    # --no-verify: the nearest evaluation image at cosine >= --threshold, as before verification existed
+    assert main(["decontaminate", "--embeddings", str(tmp_path / "emb"), "--against", str(out / "against"),
+                 "--out", str(tmp_path / "plain"), "--threshold", "0.995", "--no-verify"]) == 0
+    plain = json.loads((tmp_path / "plain" / "params.json").read_text())
+    assert (plain["verify"], plain["k"], plain["n_removed"]) == (False, 1, 3)

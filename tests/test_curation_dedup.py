@@ -2,6 +2,7 @@
 the IVF path, and outputs that `train` reads."""
 
 import csv
+import json
 
 import numpy as np
 import pytest
@@ -126,6 +127,27 @@ def test_dedup_cli_finds_the_planted_copies_and_writes_a_manifest_train_reads(pl
         assert (out / name).is_file(), name
     report = (out / "report.md").read_text()
     assert "removed: 3 in 3 duplicate group(s)" in report and "![pairs](pairs.png)" in report
+
+
+def test_dedup_cli_no_verify_is_the_embedding_only_rule(planted, tmp_path):
+    """--no-verify: the old behaviour, a k-NN pair (k 16) is a copy at cosine >= --threshold, nothing decoded."""
+    from dinov2_repro.curation.embed import load_embeddings
+
+    out = tmp_path / "plain"
+    assert main(["dedup", "--embeddings", str(planted / "emb"), "--out", str(out), "--threshold", "0.995",
+                 "--no-verify", "--no-figure"]) == 0
+    emb = load_embeddings(planted / "emb")
+    expected = deduplicate(emb.vectors, emb.hashes, emb.paths, threshold=0.995, k=16)
+    with open(out / "removed.csv") as handle:
+        removed = [r["path"] for r in csv.DictReader(handle)]
+    assert removed == [emb.paths[r] for r in np.flatnonzero(~expected.keep)]
+    assert sorted(p.rsplit("/", 1)[-1] for p in removed) == ["zz_exact.png", "zz_jpeg02.png", "zz_resize01.png"]
+    params = json.loads((out / "params.json").read_text())
+    assert (params["verify"], params["k"], params["threshold"]) == (False, 16, 0.995)
+    assert "n_candidates" not in params and not (out / "unreadable.txt").exists()
+    with open(out / "edges.csv") as handle:
+        assert {e["how"] for e in csv.DictReader(handle)} == {"exact", "cosine"}
+    assert "## Verification" not in (out / "report.md").read_text()
 
 
 def test_without_faiss_the_error_says_what_to_install(monkeypatch):

@@ -6,6 +6,7 @@ Python API::
     from dinov2_repro.curation import embed_dataset, load_embeddings, run_dedup
     embed_dataset("data/", "emb/", "random:vit_small/14")
     run_dedup("emb/", "dedup/")                       # dedup/kept.csv is a manifest for train (data.kind=csv)
+    aligned_ncc(image_a, image_b)                     # the pixel check dedup runs on each candidate pair
     run_decontaminate("emb/", "test_data/", "clean/")  # clean/kept.csv: no copy of a test image left
     run_cluster("emb/", "clusters/", ks=(100, 10), subset="clean/kept.csv")
     run_sample("clusters/", "sample/", size=5000)      # sample/sampled.csv: balanced manifest for train
@@ -17,7 +18,8 @@ from .decontaminate import contaminated, run_decontaminate
 from .dedup import DEFAULT_THRESHOLD, deduplicate, run_dedup
 from .embed import Embeddings, embed_dataset, load_embeddings
 from .retrieve import retrieve_clusters, retrieve_knn, run_retrieve
+from .verify import aligned_ncc, verify_pairs
 
-__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "balanced_sample", "contaminated", "deduplicate", "embed_dataset",
-           "hierarchical_kmeans", "load_embeddings", "retrieve_clusters", "retrieve_knn", "run_cluster",
-           "run_decontaminate", "run_dedup", "run_retrieve", "run_sample"]
+__all__ = ["DEFAULT_THRESHOLD", "Embeddings", "aligned_ncc", "balanced_sample", "contaminated", "deduplicate",
+           "embed_dataset", "hierarchical_kmeans", "load_embeddings", "retrieve_clusters", "retrieve_knn",
+           "run_cluster", "run_decontaminate", "run_dedup", "run_retrieve", "run_sample", "verify_pairs"]

@@ -1,8 +1,10 @@
 """``dinov2-repro curate``: data curation as in DINOv2 (embeddings, copy detection, decontamination, clustering).
 
   dinov2-repro curate embed --data DIR|CSV --backbone SPEC --out EMB [--split S] [--batch-size 64] [--shard-size 4096]
-  dinov2-repro curate dedup --embeddings EMB --out DIR [--threshold 0.98] [--k 16] [--ivf-threshold 200000]
-  dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--threshold 0.98]
+  dinov2-repro curate dedup --embeddings EMB --out DIR [--no-verify] [--candidate-threshold 0.5]
+        [--verify-threshold 0.85] [--threshold 0.98] [--k 96 (16 with --no-verify)] [--ivf-threshold 200000]
+  dinov2-repro curate decontaminate --embeddings EMB --against EVAL_DATA|EVAL_EMB --out DIR [--no-verify]
+        [--candidate-threshold 0.5] [--verify-threshold 0.85] [--threshold 0.98]
   dinov2-repro curate cluster --embeddings EMB --out CLU [--ks 100,10] [--subset dedup/kept.csv] [--seed 0]
   dinov2-repro curate sample --clusters CLU --size N --out DIR     (DIR/sampled.csv: train with data.kind=csv)
   dinov2-repro curate retrieve --queries EMB_Q --pool EMB_P --out DIR [--k 4] [--clusters CLU_P --per-query M]
@@ -56,14 +58,33 @@ def index_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _add_copy_steps(sub) -> None:
-    from .dedup import DEFAULT_K, DEFAULT_THRESHOLD
+def verify_options(parser: argparse.ArgumentParser) -> None:
+    """--verify/--no-verify, --candidate-threshold, --verify-threshold, --threshold and --no-progress."""
+    from .dedup import DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD
+    from .verify import DEFAULT_VERIFY_THRESHOLD
 
-    dedup = sub.add_parser("dedup", help="exact and near duplicates (Faiss k-NN, cosine threshold), one kept per group")
+    parser.add_argument("--verify", action=argparse.BooleanOptionalAction, default=True,
+                        help="check each candidate pair on its pixels (aligned NCC); --no-verify: embeddings alone")
+    parser.add_argument("--candidate-threshold", type=float, default=DEFAULT_CANDIDATE_THRESHOLD,
+                        help="with verification: cosine from which a k-NN pair is a candidate")
+    parser.add_argument("--verify-threshold", type=float, default=DEFAULT_VERIFY_THRESHOLD,
+                        help="with verification: aligned NCC from which a candidate is a copy")
+    parser.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD,
+                        help="cosine similarity of a copy without verification (--no-verify, or a pair whose "
+                             "images cannot be read)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar during verification")
+
+
+def _add_copy_steps(sub) -> None:
+    from .dedup import DEFAULT_CANDIDATE_K, DEFAULT_K
+
+    dedup = sub.add_parser("dedup", help="exact and near duplicates (Faiss k-NN candidates verified on pixels), one "
+                                         "kept per group")
     dedup.add_argument("--embeddings", required=True, help="a folder written by `curate embed`")
     dedup.add_argument("--out", required=True)
-    dedup.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
-    dedup.add_argument("--k", type=int, default=DEFAULT_K, help="neighbours searched per image")
+    verify_options(dedup)
+    dedup.add_argument("--k", type=int, default=0, help=f"neighbours searched per image (default {DEFAULT_CANDIDATE_K} "
+                                                        f"with verification, {DEFAULT_K} without)")
     dedup.add_argument("--nlist", type=int, default=0, help="IVF lists (default about 4 sqrt(N))")
     index_options(dedup)
     dedup.add_argument("--no-figure", action="store_true", help="skip the PNG grid of example pairs")
@@ -73,7 +94,9 @@ def _add_copy_steps(sub) -> None:
     decon.add_argument("--against", required=True, help="evaluation data (embedded with the same backbone into "
                                                         "OUT/against) or its `curate embed` folder")
     decon.add_argument("--out", required=True)
-    decon.add_argument("--threshold", type=float, default=DEFAULT_THRESHOLD, help="cosine similarity of a copy")
+    verify_options(decon)
+    decon.add_argument("--k", type=int, default=0, help=f"evaluation neighbours searched per image (default "
+                                                        f"{DEFAULT_CANDIDATE_K} with verification, 1 without)")
     index_options(decon)
 
 
@@ -136,13 +159,17 @@ def run(args) -> int:
         from .dedup import run_dedup
 
         run_dedup(args.embeddings, args.out, threshold=args.threshold, k=args.k, ivf_threshold=args.ivf_threshold,
-                  nprobe=args.nprobe, nlist=args.nlist, seed=args.seed, figure=not args.no_figure)
+                  nprobe=args.nprobe, nlist=args.nlist, seed=args.seed, verify=args.verify,
+                  candidate_threshold=args.candidate_threshold, verify_threshold=args.verify_threshold,
+                  figure=not args.no_figure, progress=not args.no_progress)
         return 0
     if args.command == "decontaminate":
         from .decontaminate import run_decontaminate
 
-        run_decontaminate(args.embeddings, args.against, args.out, threshold=args.threshold,
-                          ivf_threshold=args.ivf_threshold, nprobe=args.nprobe, seed=args.seed)
+        run_decontaminate(args.embeddings, args.against, args.out, threshold=args.threshold, k=args.k,
+                          ivf_threshold=args.ivf_threshold, nprobe=args.nprobe, seed=args.seed, verify=args.verify,
+                          candidate_threshold=args.candidate_threshold, verify_threshold=args.verify_threshold,
+                          progress=not args.no_progress)
         return 0
     if args.command == "cluster":
         from .cluster import run_cluster

@@ -1,38 +1,71 @@
 """``curate decontaminate``: remove from a pretraining set every image that is a copy of an evaluation image (the
 DINOv2 step, Oquab et al. 2023, section 3: no benchmark test or validation image may be seen in pretraining).
 
-A pretraining image is removed when its decoded pixels equal an evaluation image's (sha1) or when its nearest
-evaluation image (Faiss, inner product of unit-norm embeddings) has cosine similarity >= ``threshold``.
+A pretraining image is removed when its decoded pixels equal an evaluation image's (sha1), or when it is a near copy
+of one. With verification (the default, as in `dedup`), its ``k`` nearest evaluation images (Faiss, inner product
+of unit-norm embeddings) at cosine >= ``candidate_threshold`` are candidates, and a candidate whose aligned NCC
+(`verify.aligned_ncc`) is >= ``verify_threshold`` makes it a copy (a candidate whose images cannot be read is
+decided by ``threshold`` alone). Without verification, its nearest evaluation image at cosine >= ``threshold``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .dedup import DEFAULT_THRESHOLD
+from .dedup import DEFAULT_CANDIDATE_K, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD
 from .embed import Embeddings, embed_dataset, load_embeddings, write_csv_atomic
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
+from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification
 
 
 def contaminated(pretrain: Embeddings, evaluation: Embeddings, threshold: float = DEFAULT_THRESHOLD,
-                 ivf_threshold: int = IVF_THRESHOLD, nprobe: int = DEFAULT_NPROBE, seed: int = 0):
-    """(removed (N,) bool, nearest evaluation row (N,), its cosine (N,), exact (N,) bool, index parameters)."""
+                 ivf_threshold: int = IVF_THRESHOLD, nprobe: int = DEFAULT_NPROBE, seed: int = 0, *, k: int = 0,
+                 verifier: Optional[Callable[[np.ndarray], Verification]] = None,
+                 candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD,
+                 verify_threshold: float = DEFAULT_VERIFY_THRESHOLD):
+    """(removed (N,) bool, evaluation twin (N,), its cosine (N,), exact (N,) bool, parameters and counts, its aligned
+    NCC (N,) float32, NaN when not measured). ``verifier(pairs (P, 2) of (pretraining row, evaluation row))``
+    returns their `Verification`; None: the nearest evaluation image at cosine >= ``threshold`` (``k`` 0 means 1
+    then, `DEFAULT_CANDIDATE_K` with a verifier). The twin is the best-NCC verified candidate of a removed image,
+    else its nearest evaluation image."""
     n = len(pretrain)
+    k = int(k) or (1 if verifier is None else DEFAULT_CANDIDATE_K)
     by_hash = {h: row for row, h in enumerate(evaluation.hashes) if h}
     exact_row = np.array([by_hash.get(h, -1) if h else -1 for h in pretrain.hashes], dtype=np.int64).reshape(n)
     if len(evaluation) and n:
         index, params = build_index(evaluation.vectors, ivf_threshold=ivf_threshold, nprobe=nprobe, seed=seed)
-        sims, ids = knn(index, pretrain.vectors, 1)
-        nearest, cosine = ids[:, 0].astype(np.int64), sims[:, 0].astype(np.float32)
+        sims, ids = knn(index, pretrain.vectors, k)
     else:
-        nearest, cosine, params = np.full(n, -1, np.int64), np.full(n, -2.0, np.float32), dict(kind="none")
+        sims, ids, params = np.full((n, 1), -2.0, np.float32), np.full((n, 1), -1, np.int64), dict(kind="none")
+    params = dict(index=params, k=k, verify=verifier is not None)
+    ncc = np.full(ids.shape, np.nan, np.float32)
+    if verifier is None:
+        copy = (sims >= threshold) & (ids >= 0)
+    else:
+        candidate = (sims >= candidate_threshold) & (ids >= 0)
+        rows, cols = np.nonzero(candidate)
+        verification = verifier(np.stack([rows, ids[rows, cols]], axis=1))
+        ncc[rows, cols] = verification.scores
+        unverified = candidate & np.isnan(ncc)
+        copy = (ncc >= verify_threshold) | (unverified & (sims >= threshold))
+        params.update(candidate_threshold=float(candidate_threshold), verify_threshold=float(verify_threshold),
+                      verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES), n_candidates=int(candidate.sum()),
+                      n_verified_pairs=int((ncc >= verify_threshold).sum()), n_unverified_pairs=int(unverified.sum()),
+                      n_unreadable=len(verification.unreadable), unreadable=verification.unreadable,
+                      verify_seconds=round(verification.seconds, 3),
+                      verify_ms_per_pair=round(1e3 * verification.seconds / max(1, int(candidate.sum())), 3))
+    # the twin: the copy with the best NCC (or cosine), else the nearest evaluation image
+    rank = np.where(copy, np.where(np.isnan(ncc), sims, ncc) + 2.0, sims - 4.0)
+    best = rank.argmax(axis=1)
+    pick = np.arange(n), best
     exact = exact_row >= 0
-    nearest = np.where(exact, exact_row, nearest)
-    cosine = np.where(exact, np.float32(1.0), cosine)
-    return exact | (cosine >= threshold), nearest, cosine, exact, params
+    nearest = np.where(exact, exact_row, ids[pick].astype(np.int64))
+    cosine = np.where(exact, np.float32(1.0), sims[pick].astype(np.float32))
+    score = np.where(exact, np.float32(np.nan), ncc[pick])
+    return exact | copy.any(axis=1), nearest, cosine, exact, params, score
 
 
 def evaluation_embeddings(against, pretrain: Embeddings, out_dir: Path, log=print) -> Embeddings:
@@ -52,28 +85,61 @@ def evaluation_embeddings(against, pretrain: Embeddings, out_dir: Path, log=prin
     return load_embeddings(out_dir / "against")
 
 
-def run_decontaminate(embed_dir, against, out_dir, *, threshold: float = DEFAULT_THRESHOLD,
+def run_decontaminate(embed_dir, against, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: int = 0,
                       ivf_threshold: int = IVF_THRESHOLD, nprobe: int = DEFAULT_NPROBE, seed: int = 0,
+                      verify: bool = True, candidate_threshold: float = DEFAULT_CANDIDATE_THRESHOLD,
+                      verify_threshold: float = DEFAULT_VERIFY_THRESHOLD, progress: bool = True,
                       log=print) -> Dict[str, Any]:
-    """Write ``kept.csv`` (manifest for train), ``removed.csv`` (each removed image with its evaluation twin) and
-    ``params.json`` into ``out_dir``; returns the parameters and counts."""
+    """Write ``kept.csv`` (manifest for train), ``removed.csv`` (each removed image with its evaluation twin, their
+    cosine and NCC), ``params.json`` (and ``unreadable.txt`` when verification could not read some images) into
+    ``out_dir``; returns the parameters and counts."""
     from .manifest import write_manifest, write_params
 
     out_dir = Path(out_dir)
     pretrain = load_embeddings(embed_dir)
     evaluation = evaluation_embeddings(against, pretrain, out_dir, log)
-    removed, nearest, cosine, exact, index = contaminated(pretrain, evaluation, threshold, ivf_threshold, nprobe,
-                                                          seed)
+    verifier = verification_of(pretrain, evaluation, progress, log) if verify else None
+    removed, nearest, cosine, exact, info, ncc = contaminated(
+        pretrain, evaluation, threshold, ivf_threshold, nprobe, seed, k=k, verifier=verifier,
+        candidate_threshold=candidate_threshold, verify_threshold=verify_threshold)
     kept = np.flatnonzero(~removed)
     write_manifest(out_dir / "kept.csv", [pretrain.paths[r] for r in kept], [pretrain.labels[r] for r in kept],
                    pretrain.classes)
-    write_csv_atomic(out_dir / "removed.csv", ["path", "evaluation_path", "cosine", "exact"],
-                     [(pretrain.paths[r], evaluation.paths[nearest[r]], round(float(cosine[r]), 4), int(exact[r]))
-                      for r in np.flatnonzero(removed)])
-    params = dict(embeddings=str(embed_dir), against=str(against), threshold=float(threshold), index=index,
+    write_csv_atomic(out_dir / "removed.csv", ["path", "evaluation_path", "cosine", "exact", "ncc"],
+                     [(pretrain.paths[r], evaluation.paths[nearest[r]], round(float(cosine[r]), 4), int(exact[r]),
+                       "" if np.isnan(ncc[r]) else round(float(ncc[r]), 4)) for r in np.flatnonzero(removed)])
+    params = dict(embeddings=str(embed_dir), against=str(against), threshold=float(threshold), **info,
                   n=len(pretrain), n_evaluation=len(evaluation), n_kept=len(kept), n_removed=int(removed.sum()),
                   n_exact=int(exact.sum()))
+    if verify and info["n_unreadable"]:
+        from ..files import write_text_atomic
+
+        write_text_atomic(out_dir / "unreadable.txt", "".join(f"{name}\n" for name in info["unreadable"]))
+        params["unreadable"] = info["unreadable"][:20]  # all of them in unreadable.txt
+        log(f"[decontaminate] warning: {info['n_unreadable']} image(s) could not be read for verification "
+            f"({', '.join(info['unreadable'][:3])}{' ...' if info['n_unreadable'] > 3 else ''}; all in "
+            f"{out_dir / 'unreadable.txt'}): their "
+            f"{info['n_unverified_pairs']} candidate pair(s) were decided by cosine >= {threshold} alone")
     write_params(out_dir, "decontaminate", params)
+    rule = (f"{info['n_verified_pairs']} of {info['n_candidates']} candidate pair(s) verified at NCC >= "
+            f"{verify_threshold}" if verify else f"cosine >= {threshold}")
     log(f"[decontaminate] kept {len(kept)} of {len(pretrain)} pretraining images; removed {params['n_removed']} "
-        f"copies of {len(evaluation)} evaluation images ({params['n_exact']} exact) -> {out_dir / 'removed.csv'}")
+        f"copies of {len(evaluation)} evaluation images ({params['n_exact']} exact; {rule}) -> "
+        f"{out_dir / 'removed.csv'}")
     return params
+
+
+def verification_of(pretrain: Embeddings, evaluation: Embeddings, progress: bool, log):
+    """The verifier of `contaminated`: (pretraining row, evaluation row) pairs -> `verify.verify_pairs` over both
+    sets' images, each decoded through its own dataset."""
+    from .verify import embedding_loader, verify_pairs
+
+    n = len(pretrain)
+    load_pretrain, load_evaluation = embedding_loader(pretrain, log), embedding_loader(evaluation, log)
+    names = list(pretrain.paths) + list(evaluation.paths)
+
+    def load(row: int):
+        return load_pretrain(row) if row < n else load_evaluation(row - n)
+
+    return lambda pairs: verify_pairs(np.asarray(pairs) + [0, n], load, names, progress=progress,
+                                      desc="decontaminate: verify")

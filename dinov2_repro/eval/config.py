@@ -38,7 +38,7 @@ class EvalDataConfig:
     num_workers: int = 2
     dedup_test: bool = True  # also report on the test split minus near-duplicates of training images
     dedup_max_distance: int = 8  # Hamming distance between 256-bit difference hashes (see eval/dedup.py)
-    dedup_cosine: float = 0.98  # CLS cosine of a copy (linear/knn; reported only): curate dedup's calibrated default
+    dedup_cosine: float = 0.98  # CLS cosine of a copy (linear/knn; reported only): curate dedup --no-verify default
     group_regex: str = ""  # a patient id in each path (its first group, else the match): splits keep it together
     allow_group_overlap: bool = False  # a group in both training and test is an error unless this is true
     # volumes (NIfTI, DICOM), read as in pretraining: see the pretraining config's data section
