@@ -261,8 +261,9 @@ def embed_dataset(data: str, out_dir, backbone: str = "random:vit_small/14", *, 
                 skipped=skipped, complete=index is not None)
 
 
-def load_embeddings(out_dir) -> Embeddings:
-    """The complete embeddings of an ``embed`` folder; an error naming the missing shards if it is unfinished."""
+def complete_params(out_dir) -> Dict[str, Any]:
+    """``params.json`` of a complete ``embed`` folder (writing ``index.csv`` if the last rank did not); an error
+    naming the missing shards if it is unfinished."""
     out_dir = Path(out_dir)
     params_path = out_dir / "params.json"
     if not params_path.is_file():
@@ -274,10 +275,42 @@ def load_embeddings(out_dir) -> Embeddings:
                            f"`curate embed` again to finish")
     if not (out_dir / "index.csv").is_file():
         finish_index(out_dir, params["n_shards"])
+    return params
+
+
+def load_embeddings(out_dir, vectors: bool = True) -> Embeddings:
+    """The complete embeddings of an ``embed`` folder; an error naming the missing shards if it is unfinished.
+    ``vectors=False`` reads the index alone (``vectors`` is then (N, 0)): a rank of `curate cluster` then reads
+    only its own rows with `embedding_rows`."""
+    out_dir = Path(out_dir)
+    params = complete_params(out_dir)
     rows = read_csv_rows(out_dir / "index.csv")
-    vectors = [np.load(shard_paths(out_dir, s)["emb"]) for s in range(params["n_shards"])]
-    vectors = [v for v in vectors if len(v)] or [np.zeros((0, 0), np.float16)]  # a shard of only unreadable files
     skipped = (out_dir / "skipped.txt").read_text(encoding="utf-8").splitlines()
-    return Embeddings(np.concatenate(vectors).astype(np.float32), [int(r["sample"]) for r in rows],
-                      [r["path"] for r in rows], [int(r["label"]) for r in rows], [r["sha1"] for r in rows],
-                      params, skipped)
+    if vectors:
+        arrays = [np.load(shard_paths(out_dir, s)["emb"]) for s in range(params["n_shards"])]
+        arrays = [v for v in arrays if len(v)] or [np.zeros((0, 0), np.float16)]  # a shard of only unreadable files
+        matrix = np.concatenate(arrays).astype(np.float32)
+    else:
+        matrix = np.zeros((len(rows), 0), np.float32)
+    return Embeddings(matrix, [int(r["sample"]) for r in rows], [r["path"] for r in rows],
+                      [int(r["label"]) for r in rows], [r["sha1"] for r in rows], params, skipped)
+
+
+def embedding_rows(out_dir, rows: np.ndarray) -> np.ndarray:
+    """float32 (len(rows), D): the embeddings of ``rows`` (sorted row numbers of ``index.csv``) of a complete
+    ``embed`` folder. Only the shards those rows fall in are read, memory-mapped, so that each rank of a
+    multi-rank step holds its own rows alone."""
+    out_dir = Path(out_dir)
+    params = complete_params(out_dir)
+    shards = [np.load(shard_paths(out_dir, s)["emb"], mmap_mode="r") for s in range(params["n_shards"])]
+    starts = np.cumsum([0] + [len(v) for v in shards])  # row of each shard's first embedding
+    rows = np.asarray(rows, dtype=np.int64)
+    if len(rows) and (rows[0] < 0 or rows[-1] >= starts[-1] or np.any(np.diff(rows) <= 0)):
+        raise ValueError(f"{out_dir}: rows must be increasing and in [0, {starts[-1]})")
+    dim = max([v.shape[1] for v in shards if len(v)], default=0)
+    parts = [np.zeros((0, dim), np.float32)]
+    for s, shard in enumerate(shards):
+        low, high = np.searchsorted(rows, [starts[s], starts[s + 1]])
+        if high > low:
+            parts.append(np.asarray(shard[rows[low:high] - starts[s]], dtype=np.float32))
+    return np.concatenate(parts)
