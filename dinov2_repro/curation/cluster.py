@@ -11,8 +11,9 @@ Sampling then splits the target size equally over the top-level clusters (a clus
 all it has and the rest is shared among the others), recursively down to level 1, and draws points at random
 inside each level-1 cluster: a rare concept keeps its images while a dominant one is thinned.
 
-Faiss k-means runs on the CPU, or on GPUs when this faiss build has them. Every step is seeded. Assignment runs in
-one process (multi-rank assignment with torch.distributed is not implemented).
+Faiss k-means runs on the CPU, or on GPUs when this faiss build has them. Every step is seeded. Under torchrun
+(or srun) with more than one rank, `run_cluster` hands over to `kmeans_dist.run_cluster_ranks`: each rank holds its
+own rows and level 1 runs as Lloyd's k-means over ranks with torch.distributed (see kmeans_dist.py).
 """
 
 from __future__ import annotations
@@ -61,9 +62,14 @@ def assign_to(centroids: np.ndarray, x: np.ndarray) -> np.ndarray:
     return index.search(np.ascontiguousarray(x, dtype=np.float32), 1)[1][:, 0].astype(np.int64)
 
 
+def member_distances(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray) -> np.ndarray:
+    """float32 (N,) squared L2 distance of each row of ``x`` (N, D) to its centroid ``centroids[assign]``."""
+    return ((x - centroids[assign]) ** 2).sum(1)
+
+
 def closest_members(x: np.ndarray, centroids: np.ndarray, assign: np.ndarray, size: int) -> np.ndarray:
     """Indices of the ``size`` members of each cluster closest to its centroid (all of a smaller cluster)."""
-    distance = ((x - centroids[assign]) ** 2).sum(1)
+    distance = member_distances(x, centroids, assign)
     order = np.lexsort((distance, assign))  # by cluster, then closest first
     rank = np.arange(len(order)) - np.searchsorted(assign[order], assign[order])  # position inside its cluster
     return np.sort(order[rank < size])
@@ -79,13 +85,19 @@ def resampled_kmeans(x: np.ndarray, k: int, steps: int, size: int, seed: int, ni
     return Level(centroids, assign_to(centroids, x))
 
 
+def members_per_cluster(resample_size: int, n: int, k: int) -> int:
+    """Members per cluster in a resampling step over ``n`` items in ``k`` clusters: ``resample_size``, or 0 for a
+    quarter of the mean cluster size (at least 2)."""
+    return int(resample_size) or max(2, n // (4 * max(1, min(int(k), n))))
+
+
 def hierarchical_kmeans(x: np.ndarray, ks: Sequence[int] = DEFAULT_KS, resampling_steps: int = DEFAULT_RESAMPLING_STEPS,
                         resample_size: int = 0, seed: int = 0, niter: int = DEFAULT_NITER) -> List[Level]:
     """Levels of clusters over float32 (N, D) ``x``. ``resample_size`` 0 takes a quarter of each level's mean
     cluster size (at least 2)."""
     levels, items = [], np.asarray(x, dtype=np.float32)
     for depth, k in enumerate(ks):
-        size = int(resample_size) or max(2, len(items) // (4 * max(1, min(int(k), len(items)))))
+        size = members_per_cluster(resample_size, len(items), k)
         levels.append(resampled_kmeans(items, k, resampling_steps, size, seed + 100 * depth, niter))
         items = levels[-1].centroids
     return levels
@@ -151,21 +163,56 @@ def subset_rows(paths: Sequence[str], manifest) -> np.ndarray:
 
 
 def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS, resampling_steps: int = DEFAULT_RESAMPLING_STEPS,
-                resample_size: int = 0, seed: int = 0, niter: int = DEFAULT_NITER, subset=None,
-                log=print) -> Dict[str, Any]:
+                resample_size: int = 0, seed: int = 0, niter: int = DEFAULT_NITER, subset=None, env=None,
+                init_sample: int = 0, log=print) -> Dict[str, Any]:
     """`hierarchical_kmeans` of an ``embed`` folder (or of the rows a ``subset`` manifest lists); writes
-    ``clusters.csv`` (path, label, cluster per level), ``centroids_level<d>.npy`` and ``params.json``."""
-    from pathlib import Path
+    ``clusters.csv`` (path, label, cluster per level), ``centroids_level<d>.npy`` and ``params.json``.
 
-    from .embed import load_embeddings, save_npy, write_csv_atomic
-    from .manifest import write_params
+    ``env`` (a `distributed.env.DistEnv`; default: read from the launch environment) with more than one rank, or
+    an existing process group of several, runs `kmeans_dist.run_cluster_ranks` instead (``init_sample``: its
+    k-means++ sample; 0 for the default)."""
+    from ..distributed.env import detect_env
+    from .embed import load_embeddings
+    from .kmeans_dist import DEFAULT_INIT_SAMPLE, run_cluster_ranks, several_ranks
 
+    env = detect_env() if env is None else env  # the one place the launch environment is read
+    if several_ranks(env):
+        return run_cluster_ranks(embed_dir, out_dir, env, ks=ks, resampling_steps=resampling_steps,
+                                 resample_size=resample_size, seed=seed, niter=niter, subset=subset,
+                                 init_sample=init_sample or DEFAULT_INIT_SAMPLE, log=log)
     emb = load_embeddings(embed_dir)
+    rows = cluster_rows(emb, embed_dir, subset)
+    levels = hierarchical_kmeans(emb.vectors[rows], ks, resampling_steps, resample_size, seed, niter)
+    params = cluster_params(embed_dir, subset, ks, len(rows), resampling_steps, resample_size, seed, niter, emb)
+    return write_clusters(out_dir, emb, rows, levels, params, log)
+
+
+def cluster_rows(emb, embed_dir, subset) -> np.ndarray:
+    """(M,) increasing rows of ``emb`` to cluster: all, or those a ``subset`` manifest lists; an error if none."""
     rows = subset_rows(emb.paths, subset) if subset else np.arange(len(emb))
     if not len(rows):
         raise ValueError(f"nothing to cluster: {embed_dir} holds no embedding" + (f" of a path in {subset}" if subset
                                                                                    else ""))
-    levels = hierarchical_kmeans(emb.vectors[rows], ks, resampling_steps, resample_size, seed, niter)
+    return rows
+
+
+def cluster_params(embed_dir, subset, ks: Sequence[int], n: int, resampling_steps: int, resample_size: int,
+                   seed: int, niter: int, emb) -> Dict[str, Any]:
+    """What ``params.json`` records of a clustering (`write_clusters` adds the cluster sizes)."""
+    return dict(embeddings=str(embed_dir), subset=str(subset or ""), ks=[int(k) for k in ks], n=int(n),
+                resampling_steps=int(resampling_steps), resample_size=int(resample_size), seed=int(seed),
+                niter=int(niter), faiss_gpus=faiss_gpus(), classes=emb.classes)
+
+
+def write_clusters(out_dir, emb, rows: np.ndarray, levels: Sequence[Level], params: Dict[str, Any],
+                   log=print) -> Dict[str, Any]:
+    """Write ``clusters.csv`` (the M ``rows`` of ``emb``: path, label, cluster per level; ``levels[0].assign`` is
+    (M,)), ``centroids_level<d>.npy`` and ``params.json`` (``params`` plus the sizes); returns the params."""
+    from pathlib import Path
+
+    from .embed import save_npy, write_csv_atomic
+    from .manifest import write_params
+
     clusters = point_clusters(levels)
     out_dir = Path(out_dir)
     columns = ["path", "label"] + [f"level{d + 1}" for d in range(len(levels))]
@@ -174,9 +221,7 @@ def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS, resamplin
     for d, level in enumerate(levels):
         save_npy(out_dir / f"centroids_level{d + 1}.npy", level.centroids)
     sizes = level_sizes(clusters, [len(level.centroids) for level in levels])
-    params = dict(embeddings=str(embed_dir), subset=str(subset or ""), ks=[int(k) for k in ks], n=len(rows),
-                  resampling_steps=int(resampling_steps), resample_size=int(resample_size), seed=int(seed),
-                  niter=int(niter), faiss_gpus=faiss_gpus(), classes=emb.classes, sizes=sizes)
+    params = dict(params, sizes=sizes)
     write_params(out_dir, "cluster", params)
     for d, level_size in enumerate(sizes):
         log(f"[cluster] level {d + 1}: {len(level_size)} clusters of {len(rows)} images, sizes largest "
