@@ -9,7 +9,8 @@
   dinov2-repro curate sample --clusters CLU --size N --out DIR     (DIR/sampled.csv: train with data.kind=csv)
   dinov2-repro curate retrieve --queries EMB_Q --pool EMB_P --out DIR [--k 4] [--clusters CLU_P --per-query M]
 
-Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder.
+Under torchrun each rank embeds its own shards (shard % world size == rank) into the same --out folder, and cluster
+runs its level-1 k-means over the ranks (torch.distributed, gloo), each rank reading only its share of the rows.
 Only --out folders are written; the data folders are read.
 """
 
@@ -113,6 +114,9 @@ def _add_cluster_steps(sub) -> None:
     cluster.add_argument("--niter", type=int, default=DEFAULT_NITER, help="k-means iterations")
     cluster.add_argument("--subset", default=None, help="cluster only the paths of this manifest (dedup's kept.csv)")
     cluster.add_argument("--seed", type=int, default=0)
+    cluster.add_argument("--init-sample", type=int, default=0,
+                         help="several ranks only: rows gathered on rank 0 for the k-means++ seeds (0: 2^20; with "
+                              "fewer rows than this, all of them: the seeds of one process)")
 
     sample = sub.add_parser("sample", help="balanced hierarchical sampling to a target size; writes a manifest")
     sample.add_argument("--clusters", required=True, help="a folder written by `curate cluster`")
@@ -178,7 +182,8 @@ def run(args) -> int:
         if not ks or min(ks) < 1:
             raise ValueError(f"--ks {args.ks!r}: give clusters per level as positive integers, e.g. 100,10")
         run_cluster(args.embeddings, args.out, ks=ks, resampling_steps=args.resampling_steps,
-                    resample_size=args.resample_size, seed=args.seed, niter=args.niter, subset=args.subset)
+                    resample_size=args.resample_size, seed=args.seed, niter=args.niter, subset=args.subset,
+                    init_sample=args.init_sample)
         return 0
     if args.command == "sample":
         from .cluster import run_sample
