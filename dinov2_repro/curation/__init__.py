@@ -13,10 +13,11 @@ Python API::
     run_retrieve("emb_seed/", "emb/", "retrieved/", k=4)  # pool images near a curated seed set
 """
 
-from .cluster import balanced_sample, hierarchical_kmeans, run_cluster, run_sample
+from .cluster import balanced_sample, hierarchical_kmeans, run_sample
 from .decontaminate import contaminated, run_decontaminate
 from .dedup import DEFAULT_THRESHOLD, deduplicate, run_dedup
 from .embed import Embeddings, embed_dataset, load_embeddings
+from .kmeans_dist import run_cluster
 from .retrieve import retrieve_clusters, retrieve_knn, run_retrieve
 from .verify import aligned_ncc, verify_pairs
 

@@ -176,7 +176,7 @@ def run(args) -> int:
                           progress=not args.no_progress)
         return 0
     if args.command == "cluster":
-        from .cluster import run_cluster
+        from .kmeans_dist import run_cluster
 
         ks = [int(k) for k in args.ks.split(",") if k.strip()]
         if not ks or min(ks) < 1:

@@ -11,9 +11,9 @@ Sampling then splits the target size equally over the top-level clusters (a clus
 all it has and the rest is shared among the others), recursively down to level 1, and draws points at random
 inside each level-1 cluster: a rare concept keeps its images while a dominant one is thinned.
 
-Faiss k-means runs on the CPU, or on GPUs when this faiss build has them. Every step is seeded. Under torchrun
-(or srun) with more than one rank, `run_cluster` hands over to `kmeans_dist.run_cluster_ranks`: each rank holds its
-own rows and level 1 runs as Lloyd's k-means over ranks with torch.distributed (see kmeans_dist.py).
+Faiss k-means runs on the CPU, or on GPUs when this faiss build has them. Every step is seeded. This module is
+the single-process path; under torchrun (or srun) with more than one rank, `kmeans_dist.run_cluster` runs level 1
+as Lloyd's k-means over ranks with torch.distributed instead, each rank holding its own rows.
 """
 
 from __future__ import annotations
@@ -162,24 +162,14 @@ def subset_rows(paths: Sequence[str], manifest) -> np.ndarray:
     return np.array([r for r, p in enumerate(paths) if p in listed], dtype=np.int64)
 
 
-def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS, resampling_steps: int = DEFAULT_RESAMPLING_STEPS,
-                resample_size: int = 0, seed: int = 0, niter: int = DEFAULT_NITER, subset=None, env=None,
-                init_sample: int = 0, log=print) -> Dict[str, Any]:
-    """`hierarchical_kmeans` of an ``embed`` folder (or of the rows a ``subset`` manifest lists); writes
-    ``clusters.csv`` (path, label, cluster per level), ``centroids_level<d>.npy`` and ``params.json``.
-
-    ``env`` (a `distributed.env.DistEnv`; default: read from the launch environment) with more than one rank, or
-    an existing process group of several, runs `kmeans_dist.run_cluster_ranks` instead (``init_sample``: its
-    k-means++ sample; 0 for the default)."""
-    from ..distributed.env import detect_env
+def run_cluster_one_process(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS,
+                            resampling_steps: int = DEFAULT_RESAMPLING_STEPS, resample_size: int = 0, seed: int = 0,
+                            niter: int = DEFAULT_NITER, subset=None, log=print) -> Dict[str, Any]:
+    """`hierarchical_kmeans` of an ``embed`` folder (or of the rows a ``subset`` manifest lists) in this process;
+    writes ``clusters.csv`` (path, label, cluster per level), ``centroids_level<d>.npy`` and ``params.json``.
+    `kmeans_dist.run_cluster` chooses between this and the multi-rank path."""
     from .embed import load_embeddings
-    from .kmeans_dist import DEFAULT_INIT_SAMPLE, run_cluster_ranks, several_ranks
 
-    env = detect_env() if env is None else env  # the one place the launch environment is read
-    if several_ranks(env):
-        return run_cluster_ranks(embed_dir, out_dir, env, ks=ks, resampling_steps=resampling_steps,
-                                 resample_size=resample_size, seed=seed, niter=niter, subset=subset,
-                                 init_sample=init_sample or DEFAULT_INIT_SAMPLE, log=log)
     emb = load_embeddings(embed_dir)
     rows = cluster_rows(emb, embed_dir, subset)
     levels = hierarchical_kmeans(emb.vectors[rows], ks, resampling_steps, resample_size, seed, niter)

@@ -294,13 +294,31 @@ def rank_rows(rows: np.ndarray, ranks: Ranks) -> np.ndarray:
     return np.array_split(rows, ranks.world)[ranks.rank]
 
 
+def run_cluster(embed_dir, out_dir, *, ks: Sequence[int] = DEFAULT_KS,
+                resampling_steps: int = DEFAULT_RESAMPLING_STEPS, resample_size: int = 0, seed: int = 0,
+                niter: int = DEFAULT_NITER, subset=None, env=None, init_sample: int = 0, log=print) -> Dict[str, Any]:
+    """``curate cluster``: `cluster.run_cluster_one_process`, or `run_cluster_ranks` when ``env`` (a
+    `distributed.env.DistEnv`; default: read from the launch environment) has more than one rank or a process group
+    of several exists (``init_sample``: its k-means++ sample; 0 for the default)."""
+    from ..distributed.env import detect_env
+    from .cluster import run_cluster_one_process
+
+    env = detect_env() if env is None else env  # the one place the launch environment is read
+    if several_ranks(env):
+        return run_cluster_ranks(embed_dir, out_dir, env, ks=ks, resampling_steps=resampling_steps,
+                                 resample_size=resample_size, seed=seed, niter=niter, subset=subset,
+                                 init_sample=init_sample or DEFAULT_INIT_SAMPLE, log=log)
+    return run_cluster_one_process(embed_dir, out_dir, ks=ks, resampling_steps=resampling_steps,
+                                   resample_size=resample_size, seed=seed, niter=niter, subset=subset, log=log)
+
+
 def run_cluster_ranks(embed_dir, out_dir, env, *, ks: Sequence[int] = DEFAULT_KS,
                       resampling_steps: int = DEFAULT_RESAMPLING_STEPS, resample_size: int = 0, seed: int = 0,
                       niter: int = DEFAULT_NITER, subset=None, init_sample: int = DEFAULT_INIT_SAMPLE,
                       log=print) -> Dict[str, Any]:
-    """`cluster.run_cluster` with each rank reading only its share of the rows of the ``embed`` folder: the same
-    files, written by rank 0, plus ``world_size`` and ``init_sample`` in ``params.json``; every rank returns the
-    params. Uses the default process group, or makes one from ``env`` (a `distributed.env.DistEnv`) and tears it
+    """`cluster.run_cluster_one_process` with each rank reading only its share of the rows of the ``embed``
+    folder: the same files, written by rank 0, plus ``world_size`` and ``init_sample`` in ``params.json``; every
+    rank returns the params. Uses the default process group, or makes one from ``env`` (a `distributed.env.DistEnv`) and tears it
     down at the end."""
     from ..distributed.env import teardown
     from .cluster import cluster_params, cluster_rows, write_clusters
