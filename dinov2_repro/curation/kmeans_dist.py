@@ -318,8 +318,8 @@ def run_cluster_ranks(embed_dir, out_dir, env, *, ks: Sequence[int] = DEFAULT_KS
                       log=print) -> Dict[str, Any]:
     """`cluster.run_cluster_one_process` with each rank reading only its share of the rows of the ``embed``
     folder: the same files, written by rank 0, plus ``world_size`` and ``init_sample`` in ``params.json``; every
-    rank returns the params. Uses the default process group, or makes one from ``env`` (a `distributed.env.DistEnv`) and tears it
-    down at the end."""
+    rank returns the params. Uses the default process group, or makes one from ``env`` (a
+    `distributed.env.DistEnv`) and tears it down at the end."""
     from ..distributed.env import teardown
     from .cluster import cluster_params, cluster_rows, write_clusters
     from .embed import embedding_rows, load_embeddings
