@@ -6,10 +6,10 @@ import json
 
 import numpy as np
 import pytest
-from PIL import Image
 
 pytest.importorskip("faiss")
 
+from curation_images import shapes_image  # noqa: E402
 from dinov2_repro.curation.calibration import COPY_KINDS, pair_scores, planted_copy  # noqa: E402
 from dinov2_repro.curation.cli import main  # noqa: E402
 from dinov2_repro.curation.dedup import components, deduplicate, exact_pairs  # noqa: E402
@@ -79,18 +79,6 @@ def test_pair_scores_count_pairs():
     assert pair_scores([0, 0, 1, 2], [0, 0, 1, 1]) == dict(precision=1.0, recall=0.5, n_true_pairs=2,
                                                              n_found_pairs=1)
     assert components(4, np.array([[0, 1], [1, 2]])).tolist() == [0, 0, 0, 1]
-
-
-def shapes_image(seed, size=64):
-    """A distinct test image: a few coloured rectangles on a coloured background."""
-    rng = np.random.default_rng(seed)
-    pixels = np.empty((size, size, 3), np.uint8)
-    pixels[:] = rng.integers(0, 256, 3)
-    for _ in range(4):
-        x, y = rng.integers(0, size - 16, 2)
-        w, h = rng.integers(8, 32, 2)
-        pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
-    return Image.fromarray(pixels)
 
 
 @pytest.fixture(scope="module")

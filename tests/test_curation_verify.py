@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from curation_images import shapes_image
 from dinov2_repro.curation.verify import Verification, aligned_ncc, file_loader, verify_pairs
 
 
@@ -82,14 +83,7 @@ def test_an_unreadable_file_is_skipped_counted_and_named(tmp_path, photo):
 
 
 def shapes(seed: int, size: int = 64) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    pixels = np.empty((size, size, 3), np.uint8)
-    pixels[:] = rng.integers(0, 256, 3)
-    for _ in range(5):
-        x, y = rng.integers(0, size - 16, 2)
-        w, h = rng.integers(8, 32, 2)
-        pixels[y:y + h, x:x + w] = rng.integers(0, 256, 3)
-    return Image.fromarray(pixels)
+    return shapes_image(seed, size, rectangles=5)
 
 
 def test_dedup_cli_verifies_and_names_an_image_broken_after_embedding(tmp_path):
