@@ -18,7 +18,7 @@ import numpy as np
 from .dedup import DEFAULT_CANDIDATE_K, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD
 from .embed import Embeddings, embed_dataset, load_embeddings, write_csv_atomic
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
-from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification
+from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification, verified_copies
 
 
 def contaminated(pretrain: Embeddings, evaluation: Embeddings, threshold: float = DEFAULT_THRESHOLD,
@@ -49,14 +49,10 @@ def contaminated(pretrain: Embeddings, evaluation: Embeddings, threshold: float 
         rows, cols = np.nonzero(candidate)
         verification = verifier(np.stack([rows, ids[rows, cols]], axis=1))
         ncc[rows, cols] = verification.scores
-        unverified = candidate & np.isnan(ncc)
-        copy = (ncc >= verify_threshold) | (unverified & (sims >= threshold))
+        copy, counts = verified_copies(sims, ncc, candidate, verification, threshold, verify_threshold)
         params.update(candidate_threshold=float(candidate_threshold), verify_threshold=float(verify_threshold),
-                      verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES), n_candidates=int(candidate.sum()),
-                      n_verified_pairs=int((ncc >= verify_threshold).sum()), n_unverified_pairs=int(unverified.sum()),
-                      n_unreadable=len(verification.unreadable), unreadable=verification.unreadable,
-                      verify_seconds=round(verification.seconds, 3),
-                      verify_ms_per_pair=round(1e3 * verification.seconds / max(1, int(candidate.sum())), 3))
+                      verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES), unreadable=verification.unreadable,
+                      **counts)
     # the twin: the copy with the best NCC (or cosine), else the nearest evaluation image
     rank = np.where(copy, np.where(np.isnan(ncc), sims, ncc) + 2.0, sims - 4.0)
     best = rank.argmax(axis=1)

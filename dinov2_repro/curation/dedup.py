@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
-from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification
+from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification, verified_copies
 
 DEFAULT_THRESHOLD = 0.98  # without verification; calibration: docs/curation.md (backbone-specific)
 DEFAULT_K = 16  # without verification
@@ -126,14 +126,8 @@ def near_edges(pairs: np.ndarray, sims: np.ndarray, verifier: Optional[Callable[
     candidate = sims >= candidate_threshold
     verification = verifier(pairs[candidate])
     ncc[candidate] = verification.scores
-    unverified = candidate & np.isnan(ncc)
-    near = (ncc >= verify_threshold) | (unverified & (sims >= threshold))  # NaN >= x is False
-    counts = dict(n_near_pairs=int(near.sum()), n_candidates=int(candidate.sum()),
-                  n_verified_pairs=int((ncc >= verify_threshold).sum()), n_unverified_pairs=int(unverified.sum()),
-                  n_unverified_near_pairs=int((unverified & near).sum()), n_unreadable=len(verification.unreadable),
-                  verify_seconds=round(verification.seconds, 3),
-                  verify_ms_per_pair=round(1e3 * verification.seconds / max(1, int(candidate.sum())), 3))
-    return near, ncc, verification, counts
+    near, counts = verified_copies(sims, ncc, candidate, verification, threshold, verify_threshold)
+    return near, ncc, verification, dict(n_near_pairs=int(near.sum()), **counts)
 
 
 def deduplicate(vectors: np.ndarray, hashes: Sequence[str], paths: Sequence[str], *,

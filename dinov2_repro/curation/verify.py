@@ -263,6 +263,20 @@ def verify_pairs(pairs: np.ndarray, load: Callable[[int], object], names: Sequen
     return Verification(scores, [names[r] for r in cache.failed], time.perf_counter() - start)
 
 
+def verified_copies(sims: np.ndarray, ncc: np.ndarray, candidate: np.ndarray, verification: Verification,
+                    threshold: float, verify_threshold: float) -> Tuple[np.ndarray, dict]:
+    """Which candidate pairs are copies, from their cosines ``sims``, aligned NCC ``ncc`` (NaN where not measured)
+    and ``candidate`` mask (all the same shape): NCC >= ``verify_threshold``, or, where an image could not be read,
+    cosine >= ``threshold``. Returns (copy mask, the counts and timing `dedup` and `decontaminate` record)."""
+    unverified = candidate & np.isnan(ncc)
+    copy = (ncc >= verify_threshold) | (unverified & (sims >= threshold))  # NaN >= x is False
+    n_candidates = int(candidate.sum())
+    return copy, dict(n_candidates=n_candidates, n_verified_pairs=int((ncc >= verify_threshold).sum()),
+                      n_unverified_pairs=int(unverified.sum()), n_unverified_near_pairs=int((unverified & copy).sum()),
+                      n_unreadable=len(verification.unreadable), verify_seconds=round(verification.seconds, 3),
+                      verify_ms_per_pair=round(1e3 * verification.seconds / max(1, n_candidates), 3))
+
+
 def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
     """``load(row)`` for plain image files: (H, W, 3) uint8 pixels, or None when the file cannot be decoded."""
     def load(row: int):
