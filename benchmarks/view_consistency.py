@@ -40,8 +40,10 @@ def measure(set_name: str, overrides: Sequence[str], n_images: int, solarize: bo
     teacher = SSLMetaArch(cfg).teacher["backbone"].eval()
     aug = augmentations.MultiCropAugmentation(
         tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), 0, int(cfg.crops.global_crops_size),
-        int(cfg.crops.local_crops_size), preset=str(cfg.data.augmentation), blur_mode=str(cfg.data.blur_mode),
-        mean=cfg.data.mean, std=cfg.data.std, intensity_jitter=bool(cfg.data.intensity_jitter))
+        int(cfg.crops.local_crops_size), patch_size=int(cfg.student.patch_size), preset=str(cfg.data.augmentation),
+        blur_mode=str(cfg.data.blur_mode), mean=cfg.data.mean, std=cfg.data.std,
+        intensity_jitter=bool(cfg.data.intensity_jitter),
+        min_source_px_per_patch=float(cfg.crops.min_source_px_per_patch))
     dataset = open_labeled_dataset(data, "Training")
     g = torch.Generator().manual_seed(1)
     views = ([], [])

@@ -93,6 +93,7 @@ def test_override_errors_name_the_command_line():
 @pytest.mark.parametrize("override, key", [
     ("student.arch=vit_huge", "student.arch"),
     ("crops.local_crops_scale=[0.5,0.1]", "crops.local_crops_scale"),
+    ("crops.min_source_px_per_patch=-1", "crops.min_source_px_per_patch"),
     ("student.drop_path_rate=1.0", "student.drop_path_rate"),
     ("teacher.momentum_teacher=1.5", "teacher.momentum_teacher"),
     ("teacher.teacher_temp=0", "teacher.teacher_temp"),

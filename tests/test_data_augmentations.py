@@ -6,7 +6,7 @@ import torch
 from PIL import Image
 
 from dinov2_repro.data.augmentations import (BLUR_PROBABILITIES, IMAGENET_MEAN, IMAGENET_STD,
-                                             MultiCropAugmentation, sample_crop_box)
+                                             MultiCropAugmentation, sample_crop_box, source_limited_scale)
 
 
 @pytest.fixture(autouse=True)
@@ -148,6 +148,51 @@ def test_crop_box_follows_scale_and_falls_back_to_centre():
         assert 3 / 4 - 0.1 <= w / h <= 4 / 3 + 0.1
     # every try too large (scale 1, extreme aspect draws) on a very wide image: centred crop of ratio 4/3
     assert sample_crop_box(10, 100, (1.0, 1.0), [0.0, 1.0, 0.5, 0.5] * 10) == (0, 43, 10, 13)
+
+
+def test_source_limited_scale_by_hand():
+    # 8 x 8 scan, 64 px global view of 8 x 8 patches: only the whole image gives one source pixel per patch.
+    assert source_limited_scale(8, 8, 64, (0.32, 1.0), 8, 1.0) == (1.0, 1.0)
+    # 32 px local view, 4 x 4 patches: at least 4 x 4 = 16 of the 64 source pixels.
+    assert source_limited_scale(8, 8, 32, (0.05, 0.32), 8, 1.0) == (0.25, 0.32)
+    # the upper end follows the lower one when the bound passes it
+    assert source_limited_scale(8, 8, 64, (0.05, 0.32), 8, 1.0) == (1.0, 1.0)
+    # 2 pixels per patch on a 16 x 16 image: (2 x 4)^2 = 64 of 256
+    assert source_limited_scale(16, 16, 32, (0.05, 0.32), 8, 2.0) == (0.25, 0.32)
+    # the bound does not bind on larger images, and is off at 0 or without a patch size
+    assert source_limited_scale(48, 48, 64, (0.32, 1.0), 8, 1.0) == (0.32, 1.0)
+    assert source_limited_scale(48, 48, 32, (0.05, 0.32), 8, 1.0) == (0.05, 0.32)
+    assert source_limited_scale(8, 8, 64, (0.32, 1.0), 8, 0.0) == (0.32, 1.0)
+    assert source_limited_scale(8, 8, 64, (0.32, 1.0), None, 1.0) == (0.32, 1.0)
+
+
+def test_tiny_images_keep_a_source_pixel_per_patch_larger_ones_are_untouched():
+    def boxes(image, px, seed):
+        aug = MultiCropAugmentation(global_crops_size=64, local_crops_size=32, local_crops_number=4, patch_size=8,
+                                    min_source_px_per_patch=px)
+        trace = []
+        out = aug(image, generator=torch.Generator().manual_seed(seed), trace=trace)
+        return [r["box"] for r in trace], out
+
+    tiny = _image(8, 8)
+    recipe_areas, limited_areas = [], []
+    for seed in range(20):
+        limited, _ = boxes(tiny, 1.0, seed)
+        recipe, _ = boxes(tiny, 0.0, seed)
+        assert limited[:2] == [(0, 0, 8, 8)] * 2  # global views: the whole scan
+        limited_areas += [h * w for _, _, h, w in limited[2:]]
+        recipe_areas += [h * w for _, _, h, w in recipe[2:]]
+    # local views >= 16 source pixels up to the rounding of h and w; the recipe's go down to 3
+    assert min(limited_areas) >= 14 and min(recipe_areas) <= 8
+    # a 48 px patch: the bound does not bind, and every crop equals the recipe's, pixel for pixel
+    image = _image(48, 48, seed=3)
+    (b1, out1), (b0, out0) = boxes(image, 1.0, 7), boxes(image, 0.0, 7)
+    assert b1 == b0
+    for key in ("global_crops", "local_crops"):
+        assert all(torch.equal(a, b) for a, b in zip(out1[key], out0[key]))
+    with pytest.raises(ValueError, match="min_source_px_per_patch"):
+        MultiCropAugmentation(patch_size=14, global_crops_size=224, local_crops_size=98,
+                              min_source_px_per_patch=-1)
 
 
 def test_grayscale_rounds_like_pil():

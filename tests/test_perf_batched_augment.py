@@ -105,6 +105,39 @@ def test_same_generator_gives_the_cpu_pipelines_parameters(preset, blur_mode):
     assert fallback_seen, "the 6x60 strip should exercise torchvision's central-crop fallback"
 
 
+def test_source_limited_scales_give_the_cpu_pipelines_boxes():
+    # 4 and 2 patches per side; at 1.5 source pixels per patch the bound binds on the small images only
+    aug = MultiCropAugmentation(global_crops_size=28, local_crops_size=14, local_crops_number=3, patch_size=7,
+                                min_source_px_per_patch=1.5)
+    recipe = BA.recipe_from_augmentation(aug)
+    assert (recipe.patch_size, recipe.min_source_px_per_patch) == (7, 1.5)
+    images = [_smooth_image(6, 6, 0), _smooth_image(9, 12, 1), _smooth_image(40, 40, 2), _smooth_image(6, 60, 3)]
+    draws, traces = [], []
+    for i, image in enumerate(images):
+        traces.append([])
+        aug(image, generator=torch.Generator().manual_seed(20 + i), trace=traces[-1])
+        draws.append(BA.DeviceAugmentDraws(recipe)(image, generator=torch.Generator().manual_seed(20 + i)))
+    heights = torch.tensor([d["image"].shape[1] for d in draws])
+    widths = torch.tensor([d["image"].shape[2] for d in draws])
+    uniforms = torch.stack([d["uniforms"] for d in draws])
+    params = BA.BatchedMultiCrop(recipe, "cpu").sample_params(uniforms, heights, widths)
+    unbound = BA.BatchedMultiCrop(BA.AugmentRecipe(**{**recipe.__dict__, "min_source_px_per_patch": 0.0}), "cpu")
+    plain = unbound.sample_params(uniforms, heights, widths)
+    for i, trace in enumerate(traces):
+        for c, record in enumerate(trace):
+            kind, row = _kind_and_row(c, i, len(images))
+            assert tuple(params[kind].boxes[row].tolist()) == tuple(record["box"]), (kind, i, c)
+    # the 6 x 6 image (36 px, bound (1.5 x 4)^2 = 36) is taken whole for its global views, its local views keep
+    # >= 9 px (bound (1.5 x 2)^2, up to rounding) where the recipe's go lower; the 40 x 40 one is untouched
+    assert params["global_1"].boxes[0].tolist() == params["global_2"].boxes[0].tolist() == [0, 0, 6, 6]
+    local_rows = torch.arange(len(params["local"])) % len(images) == 0
+    limited, recipe_boxes = params["local"].boxes[local_rows], plain["local"].boxes[local_rows]
+    assert int((limited[:, 2] * limited[:, 3]).min()) >= 8 and int((recipe_boxes[:, 2] * recipe_boxes[:, 3]).min()) < 8
+    for kind in ("global_1", "global_2", "local"):
+        rows = torch.arange(len(params[kind])) % len(images) == 2
+        assert torch.equal(params[kind].boxes[rows], plain[kind].boxes[rows])
+
+
 @pytest.mark.parametrize("preset", ["dinov2", "mri"])
 def test_same_parameters_give_the_cpu_pipelines_pixels(preset):
     aug = _augmentation(preset, n_local=2, g=42, l=28)

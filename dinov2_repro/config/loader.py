@@ -191,6 +191,7 @@ def validate_config(cfg, sources: Sequence[Tuple[str, Any]] = ()) -> None:
     pair("crops.global_crops_scale", 0.0, 1.0)
     pair("crops.local_crops_scale", 0.0, 1.0)
     pair("ibot.mask_ratio_min_max", 0.0, 1.0)
+    in_range("crops.min_source_px_per_patch", 0.0, float("inf"))
     if cfg.crops.local_crops_number < 0:
         fail("crops.local_crops_number", "must be >= 0")
     in_range("student.drop_path_rate", 0.0, 1.0, high_open=True)

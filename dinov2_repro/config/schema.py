@@ -116,6 +116,9 @@ class CropsConfig:
     local_crops_scale: List[float] = field(default_factory=lambda: [0.05, 0.32])
     global_crops_size: int = 224
     local_crops_size: int = 96
+    # A crop keeps at least this many source pixels across each output patch (the scale's lower end is raised
+    # per image); 0 = the recipe's scales as given. Binds only on images of a few dozen pixels.
+    min_source_px_per_patch: float = 1.0
 
 
 @dataclass

@@ -61,6 +61,28 @@ def check_crop_sizes(global_crops_size: int, local_crops_size: int, patch_size: 
                              f"(e.g. {nearest}; 98 for patch 14 and 96 for patch 16 are the local sizes)")
 
 
+def min_crop_area(size: int, patch_size: Optional[int], px_per_patch: float) -> float:
+    """Fewest source pixels a crop resized to ``size`` may cover: ``px_per_patch`` source pixels across each of
+    its ``size / patch_size`` patches per side, squared. 0 when off (no patch size, or ``px_per_patch`` 0)."""
+    if not patch_size or px_per_patch <= 0:
+        return 0.0
+    return (px_per_patch * size / patch_size) ** 2
+
+
+def source_limited_scale(height: int, width: int, size: int, scale: Sequence[float], patch_size: Optional[int],
+                         px_per_patch: float) -> Tuple[float, float]:
+    """The crop-scale range for one ``height x width`` image, its lower end raised to `min_crop_area` (at most the
+    whole image) and the upper end to no less than the lower.
+
+    Below that area a patch of the view is interpolated from less than ``px_per_patch`` source pixels: on 8 x 8
+    scans the recipe's crops cut the digit by whole source pixels and the DINO teacher stayed uniform
+    (docs/small_scale.md). The recipe's own views (224 px crops of ImageNet-size images) never reach the bound.
+    """
+    floor = min_crop_area(size, patch_size, px_per_patch) / float(height * width)
+    low = min(1.0, max(float(scale[0]), floor))
+    return low, max(float(scale[1]), low)
+
+
 def sample_crop_box(height: int, width: int, scale: Sequence[float], uniforms: Sequence[float],
                     ratio: Sequence[float] = CROP_RATIO) -> Tuple[int, int, int, int]:
     """RandomResizedCrop's box (top, left, h, w) from 40 uniforms in [0, 1): torchvision's algorithm (10 tries of
@@ -256,7 +278,8 @@ class MultiCropAugmentation:
                  local_crops_scale: Sequence[float] = (0.05, 0.32), local_crops_number: int = 8,
                  global_crops_size: int = 224, local_crops_size: int = 96, patch_size: Optional[int] = None,
                  preset: str = "dinov2", blur_mode: str = "paper", mean: Sequence[float] = IMAGENET_MEAN,
-                 std: Sequence[float] = IMAGENET_STD, intensity_jitter: bool = True):
+                 std: Sequence[float] = IMAGENET_STD, intensity_jitter: bool = True,
+                 min_source_px_per_patch: float = 0.0):
         if preset not in PRESETS:
             raise ValueError(f"augmentation preset must be one of {PRESETS}, got {preset!r}")
         if blur_mode not in BLUR_PROBABILITIES:
@@ -266,6 +289,11 @@ class MultiCropAugmentation:
         if len(mean) != 3 or len(std) != 3 or min(std) <= 0:
             raise ValueError(f"mean and std need 3 values with std > 0, got mean={list(mean)} std={list(std)}")
         check_crop_sizes(global_crops_size, local_crops_size, patch_size)
+        if min_source_px_per_patch < 0:
+            raise ValueError(f"min_source_px_per_patch must be >= 0, got {min_source_px_per_patch}")
+        # 0 (the class default) is the published pipeline; configs default to 1 (`source_limited_scale`).
+        self.patch_size = patch_size
+        self.min_source_px_per_patch = float(min_source_px_per_patch)
         self.global_crops_scale = tuple(global_crops_scale)
         self.local_crops_scale = tuple(local_crops_scale)
         self.local_crops_number = int(local_crops_number)
@@ -317,16 +345,18 @@ class MultiCropAugmentation:
             image = image.contiguous()
         blur_g1, blur_g2, blur_local = self.blur_probabilities
         g, l = self.global_crops_size, self.local_crops_size
+        g_scale, l_scale = (source_limited_scale(image.shape[-2], image.shape[-1], size, scale, self.patch_size,
+                                                 self.min_source_px_per_patch)
+                            for size, scale in ((g, self.global_crops_scale), (l, self.local_crops_scale)))
         global_crops = [
-            self._view(image, g, self.global_crops_scale, blur_g1, 0.0, generator, trace, "global_1"),
-            self._view(image, g, self.global_crops_scale, blur_g2, SOLARIZE_P, generator, trace, "global_2"),
+            self._view(image, g, g_scale, blur_g1, 0.0, generator, trace, "global_1"),
+            self._view(image, g, g_scale, blur_g2, SOLARIZE_P, generator, trace, "global_2"),
         ]
         names = [f"local_{i + 1}" for i in range(self.local_crops_number)]
         if self.batch_local_crops and self.preset == "dinov2" and len(names) > 1:
-            local_crops = self._views_batched(image, l, self.local_crops_scale, blur_local, generator, trace, names)
+            local_crops = self._views_batched(image, l, l_scale, blur_local, generator, trace, names)
         else:
-            local_crops = [self._view(image, l, self.local_crops_scale, blur_local, 0.0, generator, trace, name)
-                           for name in names]
+            local_crops = [self._view(image, l, l_scale, blur_local, 0.0, generator, trace, name) for name in names]
         return {"global_crops": global_crops, "local_crops": local_crops}
 
     def _blur(self, crop: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -490,4 +520,5 @@ def build_multicrop_augmentation(cfg) -> MultiCropAugmentation:
         mean=tuple(cfg.data.mean),
         std=tuple(cfg.data.std),
         intensity_jitter=bool(cfg.data.intensity_jitter),
+        min_source_px_per_patch=float(cfg.crops.min_source_px_per_patch),
     )

@@ -90,6 +90,8 @@ class AugmentRecipe:
     gamma_p: float = cpu_aug.MRI_GAMMA_P
     noise_sigma: Tuple[float, float] = cpu_aug.MRI_NOISE_SIGMA
     noise_p: float = cpu_aug.MRI_NOISE_P
+    patch_size: Optional[int] = None  # with min_source_px_per_patch: `augmentations.source_limited_scale`
+    min_source_px_per_patch: float = 0.0
 
     @property
     def channels(self) -> int:
@@ -111,6 +113,15 @@ class AugmentRecipe:
 
     def scale_of(self, kind: str) -> Tuple[float, float]:
         return self.local_crops_scale if kind == "local" else self.global_crops_scale
+
+    def scales_for(self, kind: str, heights: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
+        """Per-row (low, high) crop scales: `augmentations.source_limited_scale` for images of these sizes."""
+        size = self.local_crops_size if kind == "local" else self.global_crops_size
+        area = cpu_aug.min_crop_area(size, self.patch_size, self.min_source_px_per_patch)
+        low, high = self.scale_of(kind)
+        floor = area / (heights.to(torch.float64) * widths.to(torch.float64))
+        low_t = torch.clamp(floor, min=float(low), max=1.0)
+        return low_t, torch.clamp(low_t, min=float(high))
 
     def blur_p_of(self, kind: str) -> float:
         return self.blur_probabilities[CROP_KINDS.index(kind)]
@@ -135,6 +146,8 @@ def recipe_from_augmentation(aug: "cpu_aug.MultiCropAugmentation") -> AugmentRec
         grayscale_p=aug.grayscale_p,
         gamma_p=aug.gamma_p,
         noise_p=aug.noise_p,
+        patch_size=aug.patch_size,
+        min_source_px_per_patch=aug.min_source_px_per_patch,
     )
 
 
@@ -169,18 +182,20 @@ class CropParams:
         return CropParams(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
 
 
-def crop_boxes_from_uniforms(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequence[float],
+def crop_boxes_from_uniforms(u: Tensor, heights: Tensor, widths: Tensor, scale: Sequence,
                              ratio: Sequence[float] = cpu_aug.CROP_RATIO) -> Tensor:
     """Batched `augmentations.sample_crop_box` (torchvision's RandomResizedCrop.get_params): (n, 4) boxes.
 
     u: (n, >= 4 * CROP_ATTEMPTS) uniforms; attempt a reads u[:, 4a:4a+4] = (area, log-aspect, top, left).
+    scale: (low, high), each a float or an (n,) tensor (one range per row).
     The first attempt whose rounded width/height fit wins; otherwise the centred crop with clamped aspect.
     """
     u = u.to(torch.float64)
     n = u.shape[0]
     height, width = heights.to(torch.float64).view(n, 1), widths.to(torch.float64).view(n, 1)
     tries = u[:, :_K].view(n, CROP_ATTEMPTS, 4)
-    target = height * width * (scale[0] + (scale[1] - scale[0]) * tries[..., 0])
+    low, high = (torch.as_tensor(v, dtype=torch.float64).reshape(-1, 1) for v in scale)
+    target = height * width * (low + (high - low) * tries[..., 0])
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     aspect = torch.exp(log_lo + (log_hi - log_lo) * tries[..., 1])
     w = torch.round(torch.sqrt(target * aspect))  # half to even, like Python's round()
@@ -214,7 +229,7 @@ def params_from_uniforms(u: Tensor, heights: Tensor, widths: Tensor, recipe: Aug
         raise ValueError(f"expected uniforms of shape (n, {DRAWS_PER_CROP}), got {tuple(u.shape)}")
     u = u.to(torch.float64)
     n = u.shape[0]
-    boxes = crop_boxes_from_uniforms(u, heights, widths, recipe.scale_of(kind), recipe.ratio)
+    boxes = crop_boxes_from_uniforms(u, heights, widths, recipe.scales_for(kind, heights, widths), recipe.ratio)
     lows = torch.tensor([1 - recipe.brightness, 1 - recipe.contrast, 1 - recipe.saturation, -recipe.hue],
                         dtype=torch.float64)
     spans = torch.tensor([2 * recipe.brightness, 2 * recipe.contrast, 2 * recipe.saturation, 2 * recipe.hue],
