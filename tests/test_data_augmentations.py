@@ -190,6 +190,12 @@ def test_tiny_images_keep_a_source_pixel_per_patch_larger_ones_are_untouched():
     assert b1 == b0
     for key in ("global_crops", "local_crops"):
         assert all(torch.equal(a, b) for a, b in zip(out1[key], out0[key]))
+    # the log line's threshold: the 32 px local views (16 source pixels at least, scale from 0.05) bind below 320
+    aug = MultiCropAugmentation(global_crops_size=64, local_crops_size=32, local_crops_number=4, patch_size=8,
+                                min_source_px_per_patch=1.0)
+    assert aug.enlarged_below() == pytest.approx(16 / 0.05)
+    assert source_limited_scale(17, 18, 32, (0.05, 0.32), 8, 1.0)[0] > 0.05  # 306 px
+    assert source_limited_scale(16, 20, 32, (0.05, 0.32), 8, 1.0)[0] == 0.05  # 320 px
     with pytest.raises(ValueError, match="min_source_px_per_patch"):
         MultiCropAugmentation(patch_size=14, global_crops_size=224, local_crops_size=98,
                               min_source_px_per_patch=-1)

@@ -7,10 +7,11 @@ and DINO loss end well below log K. The control pairs view 1 of image b with vie
 targets then say nothing about the student's image, and the teacher must stay uniform.
 
 What it catches: targets paired with the wrong image or view, a center that cancels the per-image signal, a
-teacher that does not follow the student, a loss that does not reach the head. Why near-identical views: with the
-recipe's crops, blur and solarize on 8 x 8 digits, a randomly initialised network's CLS signal is not consistent
-between views, and at this budget DINO goes uniform whatever the knob (docs/small_scale.md); iBOT and KoLeo
-carry the learning there.
+teacher that does not follow the student, a loss that does not reach the head. Why near-identical views: they make
+the term engage within a test's budget. With the recipe's crops of 8 x 8 digits a randomly initialised network's
+CLS signal is not consistent between views and DINO goes uniform whatever the knob; with crops that keep a source
+pixel per patch (the presets' default since 2026-11-30) it engages in a 600-iteration run, too slowly for a test
+(docs/small_scale.md).
 
 Measured 2026-11-29 (2 CPU cores, 200 iterations each, about 30 s in all), as fractions of log K: matched views
 teacher entropy 0.58 and DINO loss 0.60; mismatched views 1.00 and 1.00. After 100 iterations matched was still

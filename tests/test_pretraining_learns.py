@@ -114,11 +114,12 @@ def test_short_pretraining_beats_random_init_on_real_digits(tmp_path):
     handwritten digits, 1,000 train / 797 test, the preset's 64 px crops, 150 iterations (a quarter of the demo's),
     probed as `benchmarks/learning.py` does (logistic regression and 20-NN on L2-normalised CLS features).
 
-    Measured 2026-11-29, pretrained vs random twin, linear / 20-NN: torch 2.14.1 52.1 / 55.2 vs 36.4 / 48.8;
-    torch 2.4.1 52.2 / 53.8 vs 37.5 / 50.4. The linear gain (+15) is the robust signal at this budget; the 20-NN
-    gain (+3 to +6) moves with the torch version's numerics, so it is only required not to be a loss. This guards
-    against the regression that issue 24 found: with the lr unscaled (0.004 at batch 32) a 300-iteration run ended
-    at 31.6% against 48.8% for its twin (20-NN), and below it on the linear probe too."""
+    Measured 2026-11-30 with crops that keep a source pixel per patch (the preset's default), pretrained vs random
+    twin, linear / 20-NN: torch 2.14.1 54.8 / 57.8 vs 36.4 / 48.8; torch 2.4.1 54.2 / 59.5 vs 37.5 / 50.4, so
+    gains of +17 to +18 and +9. (2026-11-29, with the recipe's crops on these 8 x 8 scans: +15 and +3 to +6.) The
+    test asks for about half of each. This guards against the regression that issue 24 found: with the lr unscaled
+    (0.004 at batch 32) a 300-iteration run ended at 31.6% against 48.8% for its twin (20-NN), and below it on the
+    linear probe too."""
     from benchmarks.learning import make_digits, probe
 
     data, run = tmp_path / "digits", tmp_path / "run"
@@ -134,4 +135,4 @@ def test_short_pretraining_beats_random_init_on_real_digits(tmp_path):
     print(f"digits, linear / 20-NN: pretrained {pretrained['linear']:.3f} / {pretrained['knn']:.3f}, random init "
           f"{random_init['linear']:.3f} / {random_init['knn']:.3f} (chance 0.10)")
     assert pretrained["linear"] >= random_init["linear"] + 0.08, (pretrained, random_init)
-    assert pretrained["knn"] >= random_init["knn"], (pretrained, random_init)
+    assert pretrained["knn"] >= random_init["knn"] + 0.04, (pretrained, random_init)

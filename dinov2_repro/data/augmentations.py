@@ -30,10 +30,13 @@ record per crop of every random decision (crop box, flip, jitter, blur, solarize
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -324,7 +327,16 @@ class MultiCropAugmentation:
     def __repr__(self) -> str:
         return (f"MultiCropAugmentation(preset={self.preset!r}, blur_mode={self.blur_mode!r}, "
                 f"global=2x{self.global_crops_size} scale {self.global_crops_scale}, "
-                f"local={self.local_crops_number}x{self.local_crops_size} scale {self.local_crops_scale})")
+                f"local={self.local_crops_number}x{self.local_crops_size} scale {self.local_crops_scale}, "
+                f"min_source_px_per_patch={self.min_source_px_per_patch:g})")
+
+    def enlarged_below(self) -> float:
+        """The image area (pixels) below which `source_limited_scale` enlarges some crops (0: never)."""
+        kinds = [(self.global_crops_size, self.global_crops_scale)]
+        if self.local_crops_number:
+            kinds.append((self.local_crops_size, self.local_crops_scale))
+        return max(min_crop_area(size, self.patch_size, self.min_source_px_per_patch) / max(scale[0], 1e-12)
+                   for size, scale in kinds)
 
     def __call__(self, image, generator: Optional[torch.Generator] = None,
                  trace: Optional[List[dict]] = None) -> Dict[str, List[torch.Tensor]]:
@@ -508,7 +520,7 @@ def build_multicrop_augmentation(cfg) -> MultiCropAugmentation:
         from .histology import histology_augmentation
 
         return histology_augmentation(cfg, build_multicrop_augmentation)
-    return MultiCropAugmentation(
+    aug = MultiCropAugmentation(
         global_crops_scale=tuple(cfg.crops.global_crops_scale),
         local_crops_scale=tuple(cfg.crops.local_crops_scale),
         local_crops_number=int(cfg.crops.local_crops_number),
@@ -522,3 +534,9 @@ def build_multicrop_augmentation(cfg) -> MultiCropAugmentation:
         intensity_jitter=bool(cfg.data.intensity_jitter),
         min_source_px_per_patch=float(cfg.crops.min_source_px_per_patch),
     )
+    area = aug.enlarged_below()
+    if area:
+        log.info("crops: images under %d pixels (about %.0f x %.0f) get larger crops than crops.*_scale, so that each "
+                 "patch of a view keeps a source pixel (crops.min_source_px_per_patch=%g; 0 turns this off)",
+                 math.ceil(area), math.sqrt(area), math.sqrt(area), aug.min_source_px_per_patch)
+    return aug
