@@ -32,17 +32,15 @@ from benchmarks.learning import build_set, set_overrides  # noqa: E402
 def measure(cfg, images, n_images: int, solarize: bool) -> Dict[str, float]:
     """The view-consistency figures of config ``cfg`` (its model, crops and augmentation) on up to ``n_images``
     images of ``images`` (a dataset with ``load_image``; unreadable images, which give None, are skipped)."""
+    from omegaconf import OmegaConf
+
     import dinov2_repro.data.augmentations as augmentations
     from dinov2_repro.train.meta_arch import SSLMetaArch
 
     torch.manual_seed(0)
     teacher = SSLMetaArch(cfg).teacher["backbone"].eval()
-    aug = augmentations.MultiCropAugmentation(
-        tuple(cfg.crops.global_crops_scale), tuple(cfg.crops.local_crops_scale), 0, int(cfg.crops.global_crops_size),
-        int(cfg.crops.local_crops_size), patch_size=int(cfg.student.patch_size), preset=str(cfg.data.augmentation),
-        blur_mode=str(cfg.data.blur_mode), mean=cfg.data.mean, std=cfg.data.std,
-        intensity_jitter=bool(cfg.data.intensity_jitter),
-        min_source_px_per_patch=float(cfg.crops.min_source_px_per_patch))
+    # the training pipeline's own augmentation, global views only
+    aug = augmentations.build_multicrop_augmentation(OmegaConf.merge(cfg, {"crops": {"local_crops_number": 0}}))
     g = torch.Generator().manual_seed(1)
     views = ([], [])
     saved = augmentations.SOLARIZE_P

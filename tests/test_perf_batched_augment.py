@@ -7,6 +7,7 @@
 - Shapes, dtypes, ranges, determinism; the loader path gives the CPU loader's masks.
 """
 
+import dataclasses
 import math
 
 import numpy as np
@@ -121,7 +122,7 @@ def test_source_limited_scales_give_the_cpu_pipelines_boxes():
     widths = torch.tensor([d["image"].shape[2] for d in draws])
     uniforms = torch.stack([d["uniforms"] for d in draws])
     params = BA.BatchedMultiCrop(recipe, "cpu").sample_params(uniforms, heights, widths)
-    unbound = BA.BatchedMultiCrop(BA.AugmentRecipe(**{**recipe.__dict__, "min_source_px_per_patch": 0.0}), "cpu")
+    unbound = BA.BatchedMultiCrop(dataclasses.replace(recipe, min_source_px_per_patch=0.0), "cpu")
     plain = unbound.sample_params(uniforms, heights, widths)
     for i, trace in enumerate(traces):
         for c, record in enumerate(trace):

@@ -117,11 +117,13 @@ class AugmentRecipe:
     def scales_for(self, kind: str, heights: Tensor, widths: Tensor) -> Tuple[Tensor, Tensor]:
         """Per-row (low, high) crop scales: `augmentations.source_limited_scale` for images of these sizes."""
         size = self.local_crops_size if kind == "local" else self.global_crops_size
-        area = cpu_aug.min_crop_area(size, self.patch_size, self.min_source_px_per_patch)
-        low, high = self.scale_of(kind)
-        floor = area / (heights.to(torch.float64) * widths.to(torch.float64))
-        low_t = torch.clamp(floor, min=float(low), max=1.0)
-        return low_t, torch.clamp(low_t, min=float(high))
+        # the CPU pipeline's own formula, once per distinct image size (a batch has few)
+        sizes, row_size = torch.unique(torch.stack([heights, widths], 1), dim=0, return_inverse=True)
+        ranges = torch.tensor([cpu_aug.source_limited_scale(h, w, size, self.scale_of(kind), self.patch_size,
+                                                            self.min_source_px_per_patch)
+                               for h, w in sizes.tolist()], dtype=torch.float64).reshape(-1, 2)
+        low, high = ranges[row_size].unbind(1)
+        return low, high
 
     def blur_p_of(self, kind: str) -> float:
         return self.blur_probabilities[CROP_KINDS.index(kind)]
