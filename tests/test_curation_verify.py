@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from curation_images import shapes_image
-from dinov2_repro.curation.verify import Verification, aligned_ncc, file_loader, verify_pairs
+from dinov2_repro.curation.verify import aligned_ncc, file_loader, verify_pairs
 
 
 @pytest.fixture(scope="module")
@@ -76,10 +76,23 @@ def test_an_unreadable_file_is_skipped_counted_and_named(tmp_path, photo):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not an image at all")
     paths = [str(tmp_path / n) for n in ("a.png", "broken.png", "b.png", "missing.png")]
     result = verify_pairs(np.array([[0, 1], [0, 2], [1, 2], [2, 3]]), file_loader(paths), paths, progress=False)
-    assert isinstance(result, Verification)
     assert result.scores[1] > 0.95 and np.isnan(result.scores[[0, 2, 3]]).all()
     assert result.n_skipped_pairs == 3
     assert result.unreadable == [paths[1], paths[3]]  # named once each, in the order met
+
+
+def test_sixteen_bit_files_are_rescaled_as_training_decodes_them(tmp_path, photo):
+    # 12-bit scans in 16-bit PNGs: clipped to 8 bits both would be flat white, and two flat images score 1.0
+    gray = photo.mean(axis=2)
+    regions = [gray[:96, :96], gray[96:, 96:]]
+    for name, region in zip(("a", "b"), regions):
+        Image.fromarray((region * (4095 / 255)).astype(np.uint16)).save(tmp_path / f"{name}.png")
+    Image.fromarray(regions[0].astype(np.uint8)).save(tmp_path / "a8.png")  # the same region, 8-bit
+    paths = [str(tmp_path / n) for n in ("a.png", "b.png", "a8.png")]
+    load = file_loader(paths)
+    assert load(0).dtype == np.uint8 and load(0).std() > 20  # not saturated
+    result = verify_pairs(np.array([[0, 1], [0, 2]]), load, paths, progress=False)
+    assert result.scores[0] < 0.5 and result.scores[1] > 0.95
 
 
 def shapes(seed: int, size: int = 64) -> Image.Image:

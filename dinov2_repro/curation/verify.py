@@ -278,14 +278,14 @@ def verified_copies(sims: np.ndarray, ncc: np.ndarray, candidate: np.ndarray, ve
 
 
 def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
-    """``load(row)`` for plain image files: (H, W, 3) uint8 pixels, or None when the file cannot be decoded."""
+    """``load(row)`` for plain image files: (H, W, 3) uint8 pixels decoded as training decodes them (16-bit
+    images rescaled, not clipped), or None when the file cannot be decoded."""
     def load(row: int):
-        from PIL import Image
+        from ..data.decode import ImageDecodeError, decode_image_file
 
         try:
-            with Image.open(paths[row]) as image:
-                return np.asarray(image.convert("RGB"))
-        except (OSError, ValueError, SyntaxError):  # PIL raises SyntaxError for some corrupt headers
+            return decode_image_file(paths[row]).permute(1, 2, 0).numpy()
+        except ImageDecodeError:
             return None
 
     return load
