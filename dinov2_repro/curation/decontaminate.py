@@ -15,10 +15,10 @@ from typing import Any, Callable, Dict, Optional
 
 import numpy as np
 
-from .dedup import DEFAULT_CANDIDATE_K, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD
+from .dedup import DEFAULT_CANDIDATE_K, DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_THRESHOLD, near_edges
 from .embed import Embeddings, embed_dataset, load_embeddings, write_csv_atomic
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
-from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification, verified_copies
+from .verify import DEFAULT_VERIFY_THRESHOLD, Verification, report_unreadable
 
 
 def contaminated(pretrain: Embeddings, evaluation: Embeddings, threshold: float = DEFAULT_THRESHOLD,
@@ -40,19 +40,17 @@ def contaminated(pretrain: Embeddings, evaluation: Embeddings, threshold: float 
         sims, ids = knn(index, pretrain.vectors, k)
     else:
         sims, ids, params = np.full((n, 1), -2.0, np.float32), np.full((n, 1), -1, np.int64), dict(kind="none")
-    params = dict(index=params, k=k, verify=verifier is not None)
-    ncc = np.full(ids.shape, np.nan, np.float32)
-    if verifier is None:
-        copy = (sims >= threshold) & (ids >= 0)
-    else:
-        candidate = (sims >= candidate_threshold) & (ids >= 0)
-        rows, cols = np.nonzero(candidate)
-        verification = verifier(np.stack([rows, ids[rows, cols]], axis=1))
-        ncc[rows, cols] = verification.scores
-        copy, counts = verified_copies(sims, ncc, candidate, verification, threshold, verify_threshold)
+    # the (pretraining row, evaluation row) pairs of the k-NN table, decided as dedup decides its pairs
+    valid = ids >= 0
+    pairs = np.stack([np.nonzero(valid)[0], ids[valid]], axis=1)
+    near, pair_ncc, verification, counts = near_edges(pairs, sims[valid], verifier, threshold, candidate_threshold,
+                                                      verify_threshold)
+    copy, ncc = np.zeros(ids.shape, bool), np.full(ids.shape, np.nan, np.float32)
+    copy[valid], ncc[valid] = near, pair_ncc
+    params = dict(index=params, k=k, verify=verifier is not None, **counts)
+    if verification is not None:
         params.update(candidate_threshold=float(candidate_threshold), verify_threshold=float(verify_threshold),
-                      verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES), unreadable=verification.unreadable,
-                      **counts)
+                      unreadable=verification.unreadable)
     # the twin: the copy with the best NCC (or cosine), else the nearest evaluation image
     rank = np.where(copy, np.where(np.isnan(ncc), sims, ncc) + 2.0, sims - 4.0)
     best = rank.argmax(axis=1)
@@ -107,15 +105,8 @@ def run_decontaminate(embed_dir, against, out_dir, *, threshold: float = DEFAULT
     params = dict(embeddings=str(embed_dir), against=str(against), threshold=float(threshold), **info,
                   n=len(pretrain), n_evaluation=len(evaluation), n_kept=len(kept), n_removed=int(removed.sum()),
                   n_exact=int(exact.sum()))
-    if verify and info["n_unreadable"]:
-        from ..files import write_text_atomic
-
-        write_text_atomic(out_dir / "unreadable.txt", "".join(f"{name}\n" for name in info["unreadable"]))
-        params["unreadable"] = info["unreadable"][:20]  # all of them in unreadable.txt
-        log(f"[decontaminate] warning: {info['n_unreadable']} image(s) could not be read for verification "
-            f"({', '.join(info['unreadable'][:3])}{' ...' if info['n_unreadable'] > 3 else ''}; all in "
-            f"{out_dir / 'unreadable.txt'}): their "
-            f"{info['n_unverified_pairs']} candidate pair(s) were decided by cosine >= {threshold} alone")
+    if verify:
+        report_unreadable(out_dir, info["unreadable"], params, threshold, "decontaminate", log)
     write_params(out_dir, "decontaminate", params)
     rule = (f"{info['n_verified_pairs']} of {info['n_candidates']} candidate pair(s) verified at NCC >= "
             f"{verify_threshold}" if verify else f"cosine >= {threshold}")

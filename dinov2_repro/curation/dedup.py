@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from .faiss_index import DEFAULT_NPROBE, IVF_THRESHOLD, build_index, knn
-from .verify import DEFAULT_SCALES, DEFAULT_SIDE, DEFAULT_VERIFY_THRESHOLD, Verification, verified_copies
+from .verify import DEFAULT_VERIFY_THRESHOLD, Verification, report_unreadable, verified_copies
 
 DEFAULT_THRESHOLD = 0.98  # without verification; calibration: docs/curation.md (backbone-specific)
 DEFAULT_K = 16  # without verification
@@ -226,8 +226,7 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
                   n_removed=result.n_removed, n_groups=int(result.group.max(initial=-1) + 1),
                   skipped=len(emb.skipped))
     if verify:
-        params.update(verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES))
-        report_unreadable(out_dir, result.unreadable, params, threshold, log)
+        report_unreadable(out_dir, result.unreadable, params, threshold, "dedup", log)
     measure, scores, cut = ("ncc", result.ncc, verify_threshold) if verify else ("cos", result.similarity, threshold)
     shown = ~np.isnan(scores)
     examples = example_pairs(result.pairs[shown], scores[shown], cut) if figure else []
@@ -248,17 +247,3 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
         f"group(s) ({params['n_exact_pairs']} exact, {rule}); {params['index']['kind']}; report "
         f"{out_dir / 'report.md'}")
     return params
-
-
-def report_unreadable(out_dir: Path, names: Sequence[str], params: Dict[str, Any], threshold: float, log) -> None:
-    """Name the images verification could not read (``unreadable.txt``, ``params.json``) and say what it means."""
-    from ..files import write_text_atomic
-
-    params["unreadable"] = list(names[:20])
-    if not names:
-        return
-    write_text_atomic(out_dir / "unreadable.txt", "".join(f"{name}\n" for name in names))
-    log(f"[dedup] warning: {len(names)} image(s) could not be read for verification ({', '.join(names[:3])}"
-        f"{' ...' if len(names) > 3 else ''}; all in {out_dir / 'unreadable.txt'}): their "
-        f"{params['n_unverified_pairs']} candidate pair(s) were decided by cosine >= {threshold} alone "
-        f"({params['n_unverified_near_pairs']} kept as copies)")

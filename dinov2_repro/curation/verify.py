@@ -271,10 +271,28 @@ def verified_copies(sims: np.ndarray, ncc: np.ndarray, candidate: np.ndarray, ve
     unverified = candidate & np.isnan(ncc)
     copy = (ncc >= verify_threshold) | (unverified & (sims >= threshold))  # NaN >= x is False
     n_candidates = int(candidate.sum())
-    return copy, dict(n_candidates=n_candidates, n_verified_pairs=int((ncc >= verify_threshold).sum()),
+    return copy, dict(verify_side=DEFAULT_SIDE, verify_scales=list(DEFAULT_SCALES),
+                      n_candidates=n_candidates, n_verified_pairs=int((ncc >= verify_threshold).sum()),
                       n_unverified_pairs=int(unverified.sum()), n_unverified_near_pairs=int((unverified & copy).sum()),
                       n_unreadable=len(verification.unreadable), verify_seconds=round(verification.seconds, 3),
                       verify_ms_per_pair=round(1e3 * verification.seconds / max(1, n_candidates), 3))
+
+
+def report_unreadable(out_dir, names: Sequence[str], params: dict, threshold: float, step: str, log) -> None:
+    """Name the images verification could not read (``unreadable.txt``, the first 20 in ``params``) and say what
+    it means for step ``step`` (dedup, decontaminate); ``params`` holds `verified_copies`' counts."""
+    from pathlib import Path
+
+    from ..files import write_text_atomic
+
+    params["unreadable"] = list(names[:20])
+    if not names:
+        return
+    path = Path(out_dir) / "unreadable.txt"
+    write_text_atomic(path, "".join(f"{name}\n" for name in names))
+    log(f"[{step}] warning: {len(names)} image(s) could not be read for verification ({', '.join(names[:3])}"
+        f"{' ...' if len(names) > 3 else ''}; all in {path}): their {params['n_unverified_pairs']} candidate "
+        f"pair(s) were decided by cosine >= {threshold} alone ({params['n_unverified_near_pairs']} kept as copies)")
 
 
 def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
