@@ -158,17 +158,16 @@ def cluster_sums(x: np.ndarray, assign: np.ndarray, k: int) -> Tuple[np.ndarray,
     return sums.numpy(), np.bincount(assign, minlength=k).astype(np.int64)
 
 
-def update_centroids(previous: np.ndarray, sums: np.ndarray, counts: np.ndarray) -> Tuple[np.ndarray, int]:
-    """float32 (k, D) means ``sums / counts`` of a Lloyd's step, and how many empty clusters were split.
+def update_centroids(sums: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """float32 (k, D) means ``sums / counts`` of a Lloyd's step, empty clusters split off the largest.
 
     An empty cluster (in index order) takes the centroid of the cluster with the most points (the lowest index
     among equals) and the two are pushed apart by a relative 1/1024, up in even and down in odd coordinates for one
     and the reverse for the other, as faiss's ``split_clusters`` does; that cluster's count is then halved between
     the two, so a second empty cluster splits the next largest. Faiss picks the cluster to split at random
-    (weighted by size); taking the largest makes the choice the same on every rank and in every run.
-    ``previous`` only gives the shape and dtype: every centroid is recomputed."""
+    (weighted by size); taking the largest makes the choice the same on every rank and in every run."""
     counts = counts.astype(np.float64)
-    centroids = np.zeros_like(previous, dtype=np.float32)
+    centroids = np.zeros(sums.shape, dtype=np.float32)
     full = counts > 0
     centroids[full] = (sums[full] / counts[full, None]).astype(np.float32)
     up = np.where(np.arange(centroids.shape[1]) % 2 == 0, 1 + SPLIT_EPS, 1 - SPLIT_EPS).astype(np.float32)
@@ -179,7 +178,7 @@ def update_centroids(previous: np.ndarray, sums: np.ndarray, counts: np.ndarray)
         centroids[cj] = centroids[cj] * (2 - up)  # 1 - eps where ci got 1 + eps, and the reverse
         counts[ci] = counts[cj] / 2
         counts[cj] -= counts[ci]
-    return centroids, len(empty)
+    return centroids
 
 
 def lloyd(x: np.ndarray, init: np.ndarray, niter: int, ranks: Ranks = Ranks()) -> np.ndarray:
@@ -188,7 +187,7 @@ def lloyd(x: np.ndarray, init: np.ndarray, niter: int, ranks: Ranks = Ranks()) -
     centroids = np.ascontiguousarray(init, dtype=np.float32)
     for _ in range(int(niter)):
         sums, counts = cluster_sums(x, assign_to(centroids, x), len(centroids))
-        centroids, _ = update_centroids(centroids, all_reduce_sum(sums, ranks), all_reduce_sum(counts, ranks))
+        centroids = update_centroids(all_reduce_sum(sums, ranks), all_reduce_sum(counts, ranks))
     return centroids
 
 
@@ -283,8 +282,9 @@ def join_ranks(env) -> Tuple[Ranks, bool]:
     arrays); and whether it was made here (and must be torn down here)."""
     from ..distributed.env import init_distributed
 
-    if group_ranks().world > 1:
-        return group_ranks(), False
+    ranks = group_ranks()
+    if ranks.world > 1:
+        return ranks, False
     init_distributed(env, device_type="cpu")
     return group_ranks(), True
 
