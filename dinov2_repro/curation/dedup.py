@@ -78,9 +78,11 @@ def neighbour_pairs(vectors: np.ndarray, k: int = DEFAULT_K, ivf_threshold: int 
     rows = np.repeat(np.arange(len(vectors)), ids.shape[1])
     cols, sims = ids.ravel(), sims.ravel()
     valid = (cols >= 0) & (cols != rows)
-    pairs = np.stack([np.minimum(rows, cols), np.maximum(rows, cols)], axis=1)[valid]
-    pairs, first = np.unique(pairs, axis=0, return_index=True)
+    low, high = np.minimum(rows, cols)[valid], np.maximum(rows, cols)[valid]
+    # one int64 key per pair: a 1-D unique sorts as (low, high) would, much faster than rows of 2 at k 96
+    keys, first = np.unique(low.astype(np.int64) * len(vectors) + high, return_index=True)
     params.update(k=int(k))
+    pairs = np.stack(np.divmod(keys, len(vectors)), axis=1)
     return pairs.astype(np.int64), sims[valid][first].astype(np.float32), params
 
 
