@@ -12,8 +12,9 @@ FFT (Lewis 1995, "Fast normalized cross-correlation", as in ``skimage.feature.ma
 window norms from summed-area tables), run only on the pairs the embeddings propose.
 
 Speed: an image's band-passed thumbnail, its spectrum, the spectra of its shrunk templates and the norms of its
-windows are computed once per image (LRU caches); a pair then costs two batched inverse FFTs in float32 (timed by
-``benchmarks/curation_calibration.py``; figures in docs/curation.md).
+windows are computed per image and kept for the ``FEATURE_CACHE`` images used last (thumbnails for many more); a
+pair of cached images then costs two batched inverse FFTs in float32, a partner outside the cache its features too
+(timed by ``benchmarks/curation_calibration.py``; figures in docs/curation.md).
 """
 
 from __future__ import annotations
