@@ -119,10 +119,11 @@ def run_decontaminate(embed_dir, against, out_dir, *, threshold: float = DEFAULT
 def verification_of(pretrain: Embeddings, evaluation: Embeddings, progress: bool, log):
     """The verifier of `contaminated`: (pretraining row, evaluation row) pairs -> `verify.verify_pairs` over both
     sets' images, each decoded through its own dataset."""
-    from .verify import embedding_loader, verify_pairs
+    from .verify import embedding_loader, reopen_dataset, verify_pairs
 
     n = len(pretrain)
-    load_pretrain, load_evaluation = embedding_loader(pretrain, log), embedding_loader(evaluation, log)
+    load_pretrain, load_evaluation = (embedding_loader(emb, reopen_dataset(emb, "decontaminate", log=log))
+                                      for emb in (pretrain, evaluation))
     names = list(pretrain.paths) + list(evaluation.paths)
 
     def load(row: int):

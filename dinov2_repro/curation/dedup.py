@@ -202,16 +202,18 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
     ``kept.csv``, ``removed.csv``, ``groups.csv``, ``edges.csv``, ``pairs.png``, ``report.md``, ``params.json``
     (and ``unreadable.txt`` when verification could not read some images) into ``out_dir``; returns the
     parameters and counts. Images are read, never written."""
-    from .embed import load_embeddings, open_dataset, write_csv_atomic
+    from .embed import load_embeddings, write_csv_atomic
     from .manifest import write_manifest, write_params
     from .report import example_pairs, pairs_figure, write_dedup_report
-    from .verify import embedding_loader, verify_pairs
+    from .verify import PLAIN_FILES, embedding_loader, reopen_dataset, verify_pairs
 
     out_dir = Path(out_dir)
     emb = load_embeddings(embed_dir)
-    verifier = None
+    verifier, dataset = None, None
     if verify:
-        load = embedding_loader(emb, log)
+        # opened once, for verification and pairs.png
+        dataset = reopen_dataset(emb, "dedup", f"{PLAIN_FILES}, and no pairs.png", log)
+        load = embedding_loader(emb, dataset)
         verifier = lambda candidates: verify_pairs(candidates, load, emb.paths, progress=progress,  # noqa: E731
                                                    desc="dedup: verify")
     result = deduplicate(emb.vectors, emb.hashes, emb.paths, threshold=threshold, k=k, ivf_threshold=ivf_threshold,
@@ -232,9 +234,12 @@ def run_dedup(embed_dir, out_dir, *, threshold: float = DEFAULT_THRESHOLD, k: in
     measure, scores, cut = ("ncc", result.ncc, verify_threshold) if verify else ("cos", result.similarity, threshold)
     shown = ~np.isnan(scores)
     examples = example_pairs(result.pairs[shown], scores[shown], cut) if figure else []
+    if examples and not verify:
+        dataset = reopen_dataset(emb, "dedup", "no pairs.png (the lists are still right)", log)
+    if dataset is None:  # reopen_dataset said so
+        examples = []
     if examples:
         try:
-            dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
             pairs_figure(out_dir / "pairs.png", dataset, emb.samples, examples, cut, measure)
         except (OSError, ValueError) as exc:  # the data moved since `embed`: the lists are still right
             log(f"[dedup] warning: no pairs.png, the images could not be opened ({exc})")

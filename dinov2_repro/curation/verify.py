@@ -310,20 +310,29 @@ def file_loader(paths: Sequence[str]) -> Callable[[int], object]:
     return load
 
 
-def embedding_loader(emb, log=print) -> Callable[[int], object]:
-    """``load(row)`` for the rows of `embed.Embeddings` ``emb``: decoded through the dataset code `embed` used
-    (so volume slices ``scan.nii.gz::axial=2``, DICOM series and slide tiles decode as they were embedded) as
-    (H, W, C) uint8 arrays, None when unreadable. A row whose sample no longer matches its path (the data changed
-    since `embed`), or every row when the dataset cannot be reopened, is read as a plain image file instead; a
-    path that is not one (a slice) then counts as unreadable."""
+PLAIN_FILES = "rows are read as plain image files (volume slices and slide tiles count as unreadable)"
+
+
+def reopen_dataset(emb, step: str, consequence: str = PLAIN_FILES, log=print):
+    """The dataset `embed` read for `embed.Embeddings` ``emb``, or None when it cannot be reopened (the data moved
+    since `embed`), said once with what that means for ``step``."""
     from .embed import open_dataset
 
-    files = file_loader(emb.paths)
     try:
-        dataset = open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
+        return open_dataset(emb.params["data"], emb.params["kind"], emb.params["split"])
     except (OSError, ValueError, RuntimeError, ImportError) as exc:
-        log(f"[verify] warning: cannot reopen {emb.params.get('data')} ({exc}); reading rows as plain image files "
-            f"(volume slices and slide tiles will count as unreadable)")
+        log(f"[{step}] warning: cannot reopen {emb.params.get('data')} ({exc}): {consequence}")
+        return None
+
+
+def embedding_loader(emb, dataset) -> Callable[[int], object]:
+    """``load(row)`` for the rows of `embed.Embeddings` ``emb``: decoded through ``dataset`` (`reopen_dataset`: the
+    dataset code `embed` used, so volume slices ``scan.nii.gz::axial=2``, DICOM series and slide tiles decode as
+    they were embedded) as (H, W, C) uint8 arrays, None when unreadable. A row whose sample no longer matches its
+    path (the data changed since `embed`), or every row when ``dataset`` is None, is read as a plain image file
+    instead; a path that is not one (a slice) then counts as unreadable."""
+    files = file_loader(emb.paths)
+    if dataset is None:
         return files
 
     def load(row: int):
