@@ -234,8 +234,9 @@ def verified_kinds(emb, truth: np.ndarray, result, pairs: np.ndarray, scores: np
     original = {truth[r]: r for r, n in enumerate(names) if not n.endswith(COPY_KINDS)}
     ncc = dict(zip(map(tuple, pairs.tolist()), scores.tolist()))
     print("\nPer kind of copy, at the defaults:")
-    print("| kind | NCC to original: min | 1 % | median | pair verified (k 128, cos >= 0.3) | grouped with original "
-          "(verified) | (embeddings alone, 0.98) |\n| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print(f"| kind | NCC to original: min | 1 % | median | pair verified (k {max(KS)}, cos >= "
+          f"{min(CANDIDATE_THRESHOLDS)}) | grouped with original (verified) | (embeddings alone, 0.98) |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for kind in COPY_KINDS:
         rows = [r for r, n in enumerate(names) if n.endswith(kind)]
         heads = [original[truth[r]] for r in rows]

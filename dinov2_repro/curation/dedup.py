@@ -47,9 +47,9 @@ class DedupResult:
     pairs: np.ndarray
     similarity: np.ndarray
     exact_pairs: np.ndarray
-    params: Dict[str, Any] = field(default_factory=dict)
-    ncc: Optional[np.ndarray] = None
-    near: Optional[np.ndarray] = None
+    params: Dict[str, Any]
+    ncc: np.ndarray
+    near: np.ndarray
     unreadable: List[str] = field(default_factory=list)
 
     @property
@@ -181,10 +181,9 @@ def group_edges(result: DedupResult, vectors: np.ndarray, paths: Sequence[str]) 
     (same pixels), ``ncc`` (a verified candidate) or ``cosine`` (cosine >= threshold: no verification, or an image
     verification could not read); ``ncc`` is the aligned NCC when it was measured, else empty."""
     exact = {tuple(p) for p in result.exact_pairs.tolist()}
-    ncc = result.ncc if result.ncc is not None else np.full(len(result.pairs), np.nan, np.float32)
-    near = result.near if result.near is not None else np.zeros(len(result.pairs), bool)
+    ncc = result.ncc
     rows = [(i, j, "exact", float(vectors[i] @ vectors[j]), np.nan) for i, j in sorted(exact)]
-    for p in np.flatnonzero(near).tolist():
+    for p in np.flatnonzero(result.near).tolist():
         i, j = result.pairs[p].tolist()
         if (i, j) not in exact:
             rows.append((i, j, "cosine" if np.isnan(ncc[p]) else "ncc", float(result.similarity[p]), float(ncc[p])))
