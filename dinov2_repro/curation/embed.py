@@ -286,12 +286,7 @@ def load_embeddings(out_dir, vectors: bool = True) -> Embeddings:
     params = complete_params(out_dir)
     rows = read_csv_rows(out_dir / "index.csv")
     skipped = (out_dir / "skipped.txt").read_text(encoding="utf-8").splitlines()
-    if vectors:
-        arrays = [np.load(shard_paths(out_dir, s)["emb"]) for s in range(params["n_shards"])]
-        arrays = [v for v in arrays if len(v)] or [np.zeros((0, 0), np.float16)]  # a shard of only unreadable files
-        matrix = np.concatenate(arrays).astype(np.float32)
-    else:
-        matrix = np.zeros((len(rows), 0), np.float32)
+    matrix = embedding_rows(out_dir, np.arange(len(rows))) if vectors else np.zeros((len(rows), 0), np.float32)
     return Embeddings(matrix, [int(r["sample"]) for r in rows], [r["path"] for r in rows],
                       [int(r["label"]) for r in rows], [r["sha1"] for r in rows], params, skipped)
 
