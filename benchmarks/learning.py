@@ -220,7 +220,7 @@ def collapse_warnings(run_dir: Path) -> int:
     return log_path.read_text().count("possible collapse at iteration") if log_path.exists() else 0
 
 
-def features(spec: str, data: Path):
+def features(spec: str, data: Path, splits: Sequence[str] = ("Training", "Testing")):
     from dinov2_repro.data.datasets import open_labeled_dataset
     from dinov2_repro.eval.backbone_spec import load_backbone
     from dinov2_repro.eval.features import EvalTransform, extract_features
@@ -229,7 +229,7 @@ def features(spec: str, data: Path):
     crop = int(info["eval_img_size"])
     transform = EvalTransform(round(crop / 0.875), crop, info["mean"], info["std"])
     out = {}
-    for split in ("Training", "Testing"):
+    for split in splits:
         fs = extract_features(model, open_labeled_dataset(data, split), transform, n_last_blocks=1)
         out[split] = (fs.knn_input().float().numpy(), fs.labels.numpy())
     return out
