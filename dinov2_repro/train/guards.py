@@ -46,9 +46,11 @@ UNIFORM_ADVICE = (
     "even then, because a random network's CLS signal is weak and differs between views of one image: a lower "
     "teacher.teacher_temp (0.02) sharpens it, and on scans data.intensity_jitter=false kept two views of one "
     "image closer than two images. On images of a few dozen pixels keep crops.min_source_px_per_patch >= 1: "
-    "with it the teacher of 8 x 8 scans left the uniform state (0 turns it off). Teacher momentum, prototype "
-    "count, Sinkhorn-Knopp, the head and the last-layer freeze did not help in those runs. When k-NN on the "
-    "features still improves, iBOT and KoLeo are carrying the learning.")
+    "with it the teacher of 8 x 8 scans left the uniform state (0 turns it off). Keep koleo.loss_weight > 0: "
+    "without it that teacher went uniform again. In a short run do not raise teacher.momentum_teacher (the "
+    "small-batch advice for long runs): at 0.996 over 600 iterations the teacher lagged and DINO barely engaged. "
+    "Prototype count, Sinkhorn-Knopp, the head and the last-layer freeze did not help in those runs. When k-NN "
+    "on the features still improves, iBOT and KoLeo are carrying the learning.")
 
 
 @dataclass
