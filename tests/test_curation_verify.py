@@ -70,6 +70,18 @@ def test_verification_removes_a_false_candidate_the_embeddings_accepted_and_keep
     assert verified.params["n_candidates"] == 3  # 0-1, 0-2, 1-2; 3 is below the candidate cosine
 
 
+def test_the_single_pair_check_scores_as_verification_does(photo):
+    """`aligned_ncc` (one pair, the public check) and `verify_pairs` (cached uint8 thumbnails) give each pair the
+    same score, to the bit: a copy, a crop, a distinct region and a float image in [0, 1]."""
+    images = [photo[:96, :96], crop_back(photo[:96, :96], 0.9, 4, 5), photo[96:, 96:],
+              photo[:96, :96].astype(np.float32) / 255.0]
+    pairs = np.array([[0, 1], [0, 2], [1, 2], [3, 0], [2, 3]])
+    result = verify_pairs(pairs, lambda row: images[row], [str(i) for i in range(4)], progress=False)
+    single = np.array([aligned_ncc(images[i], images[j]) for i, j in pairs], np.float32)
+    assert np.array_equal(result.scores, single)
+    assert single[0] > 0.95 and single[1] < 0.6 and single[3] > 0.99  # and the scores mean what they should
+
+
 def test_an_unreadable_file_is_skipped_counted_and_named(tmp_path, photo):
     Image.fromarray(photo).save(tmp_path / "a.png")
     Image.fromarray(photo).resize((120, 120), Image.BICUBIC).save(tmp_path / "b.png")

@@ -51,6 +51,11 @@ def gray_thumbnail(image, side: int = DEFAULT_SIDE) -> np.ndarray:
     return np.asarray(small, dtype=np.float32)  # PIL's resize filters with the shrink factor: antialiased
 
 
+def stored_thumbnail(image, side: int = DEFAULT_SIDE) -> np.ndarray:
+    """`gray_thumbnail` rounded to uint8, the form verification keeps (``side**2`` bytes an image) and scores."""
+    return np.round(np.clip(gray_thumbnail(image, side), 0, 1) * 255).astype(np.uint8)
+
+
 def band_pass(thumb: np.ndarray, band: Optional[Tuple[float, float]] = BAND) -> np.ndarray:
     """(S, S) -> (S, S) difference of Gaussians (``band`` None: unchanged)."""
     from scipy.ndimage import gaussian_filter
@@ -177,8 +182,10 @@ def pair_ncc(a: Features, b: Features) -> float:
 
 def aligned_ncc(a, b, scales: Sequence[float] = DEFAULT_SCALES, side: int = DEFAULT_SIDE) -> float:
     """Best normalised cross-correlation of images ``a`` and ``b`` ((H, W) or (H, W, C) arrays, or PIL images)
-    over translations and the scale grid ``scales``, both directions, on ``side`` px band-passed grey thumbnails."""
-    return pair_ncc(image_features(gray_thumbnail(a, side), scales), image_features(gray_thumbnail(b, side), scales))
+    over translations and the scale grid ``scales``, both directions, on ``side`` px band-passed grey thumbnails
+    (rounded to uint8 as `verify_pairs` keeps them, so both give a pair the same score)."""
+    a, b = (image_features(stored_thumbnail(x, side).astype(np.float32) / 255.0, scales) for x in (a, b))
+    return pair_ncc(a, b)
 
 
 class FeatureCache:
@@ -200,7 +207,7 @@ class FeatureCache:
         if image is None:
             self.failed[row] = None
             return None
-        thumb = np.round(np.clip(gray_thumbnail(image, self.side), 0, 1) * 255).astype(np.uint8)
+        thumb = stored_thumbnail(image, self.side)
         remember(self.thumbs, row, thumb, THUMB_CACHE)
         return thumb
 
