@@ -158,6 +158,25 @@ def test_collapse_monitor_patience_and_both_kinds():
     assert monitor.update(9, 0.97 * log_k, 0.5) is None and monitor.streak == 0
 
 
+def test_collapse_monitor_sees_one_prototype_for_every_image_behind_spread_features():
+    """Sharp per-image targets are healthy when images pick different prototypes (the batch-mean target is
+    spread: KL to uniform well below log K) and a collapse when they all pick the same one (KL = log K), even
+    though KoLeo keeps the student CLS tokens apart (std 0.5)."""
+    from dinov2_repro.train.guards import CollapseMonitor
+
+    log_k = math.log(1024)
+    diverse, one_target = log_k - math.log(32), log_k - 1e-3  # 32 images on 32 prototypes / all on one
+    monitor = CollapseMonitor(n_prototypes=1024, patience=2, embed_dim=100)
+    assert monitor.update(0, 0.01, 0.5, diverse) is None and monitor.update(1, 0.01, 0.5, diverse) is None
+    assert monitor.streak == 0
+    assert monitor.update(2, 0.01, 0.5, one_target) is None and monitor.streak == 1
+    message = monitor.update(3, 0.01, 0.5, one_target)
+    assert message and "one prototype" in message and "batch-mean target's entropy 0.001" in message
+    assert "dino.center_momentum" in message
+    # A teacher that is not sharp is not a one-prototype collapse, whatever the batch mean says.
+    assert monitor.update(4, 0.5 * log_k, 0.5, one_target) is None and monitor.streak == 0
+
+
 def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):
     from dinov2_repro.train import guards
 

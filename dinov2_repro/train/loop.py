@@ -231,7 +231,8 @@ def train_loop(run: Run, stop: StopSignals) -> Dict[str, Any]:
             totals["images"] += n_images
             totals["seconds"] += step_time
             done, last = it + 1, {key: v for key, v in values.items() if isinstance(v, float)}
-            warning = collapse.update(it, last.get("teacher_entropy"), last.get("student_cls_std"))
+            warning = collapse.update(it, last.get("teacher_entropy"), last.get("student_cls_std"),
+                                      last.get("teacher_kl_to_uniform"))
             if warning and run.is_main:
                 log.warning("%s", warning)
             metrics.step(done, {"loss": last.get("total_loss", float("nan")), "lr": last["lr"]})
