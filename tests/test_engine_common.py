@@ -175,6 +175,9 @@ def test_collapse_monitor_sees_one_prototype_for_every_image_behind_spread_featu
     assert "dino.center_momentum" in message
     # A teacher that is not sharp is not a one-prototype collapse, whatever the batch mean says.
     assert monitor.update(4, 0.5 * log_k, 0.5, one_target) is None and monitor.streak == 0
+    # One image per batch: its two crops are the whole batch and rightly share a target.
+    single = CollapseMonitor(n_prototypes=1024, patience=1, embed_dim=100, images_per_batch=1)
+    assert single.update(0, 0.01, 0.5, one_target) is None and single.streak == 0
 
 
 def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):

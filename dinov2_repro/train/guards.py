@@ -67,7 +67,8 @@ class CollapseMonitor:
       are spread out, 0 when they coincide) or a batch-mean target whose entropy, log K - KL(mean target ||
       uniform), is below ``low_entropy_frac * log K``: every image then gets the same prototype, *even if the
       student CLS tokens still differ* (seen on real digits with a slow center, dino.center_momentum=0.998).
-      A sharp teacher whose images pick different prototypes is healthy.
+      A sharp teacher whose images pick different prototypes is healthy. The batch mean is read only with 2 or
+      more images per batch (``images_per_batch``, per rank): one image's two crops rightly share a target.
 
     The teacher can be near-uniform for a while at initialisation, hence the patience.
     """
@@ -75,6 +76,7 @@ class CollapseMonitor:
     n_prototypes: int
     patience: int
     embed_dim: int = 384
+    images_per_batch: int = 2
     low_entropy_frac: float = 0.05
     high_entropy_frac: float = 0.98
     min_std_frac: float = 0.1
@@ -88,7 +90,7 @@ class CollapseMonitor:
             return True
         if teacher_entropy >= self.low_entropy_frac * log_k:
             return False
-        one_target = (teacher_kl_to_uniform is not None
+        one_target = (teacher_kl_to_uniform is not None and self.images_per_batch > 1
                       and log_k - teacher_kl_to_uniform < self.low_entropy_frac * log_k)
         return one_target or student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim)
 

@@ -216,7 +216,8 @@ def train_loop(run: Run, stop: StopSignals) -> Dict[str, Any]:
     cfg = run.cfg
     metrics = MetricsLogger(run.run_dir, cfg, run.is_main, run.start_iter, run.total_iters)
     collapse = CollapseMonitor(int(cfg.dino.head_n_prototypes), int(cfg.logging.collapse_patience_iterations),
-                               embed_dim=int(run.step.meta_arch.student["backbone"].embed_dim))
+                               embed_dim=int(run.step.meta_arch.student["backbone"].embed_dim),
+                               images_per_batch=int(cfg.train.batch_size_per_gpu))
     period, last, totals = Period(), {}, {"images": 0, "seconds": 0.0}
     timer = SaveTimer(float(cfg.checkpoint.period_minutes))
     run.step = dataclasses.replace(run.step, save_due=timer.due)
