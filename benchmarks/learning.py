@@ -191,8 +191,9 @@ def training_signals(run_dir: Path, n_prototypes: int, warmup_iterations: int) -
     A term engaged when its loss ends clearly below its uniform value log K (a uniform teacher gives targets with
     no per-image signal, and the loss can only sit at or above log K); KoLeo when it fell from its start. DINO
     not when its low loss is a teacher that gives every image the same prototype (the batch-mean target's
-    entropy, log K - KL to uniform, under 0.05 log K: the collapse monitor's one-prototype bound).
+    entropy, log K - KL to uniform, under the collapse monitor's one-prototype bound, 0.05 log K).
     """
+    from dinov2_repro.train.guards import CollapseMonitor
     from dinov2_repro.train.metrics import read_metrics
 
     records = [r for r in read_metrics(run_dir / "metrics.jsonl") if "teacher_entropy" in r]
@@ -208,7 +209,7 @@ def training_signals(run_dir: Path, n_prototypes: int, warmup_iterations: int) -
     first_koleo = float(records[0].get("koleo_loss", float("nan")))
     # A term switched off (weight 0) logs 0: it did not engage.
     engaged = {term: 0 < tail_mean(f"{term}_loss") < 0.9 * log_k for term in ("dino", "ibot")}
-    engaged["dino"] &= log_k - tail_mean("teacher_kl_to_uniform") >= 0.05 * log_k
+    engaged["dino"] &= log_k - tail_mean("teacher_kl_to_uniform") >= CollapseMonitor.low_entropy_frac * log_k
     engaged["koleo"] = tail_mean("koleo_loss") < first_koleo - 0.05
     step = max(1, len(records) // 12)
     return dict(entropy_curve=[(i, round(f, 4)) for i, f in list(zip(its, frac))[::step]],

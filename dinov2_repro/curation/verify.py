@@ -56,6 +56,11 @@ def stored_thumbnail(image, side: int = DEFAULT_SIDE) -> np.ndarray:
     return np.round(np.clip(gray_thumbnail(image, side), 0, 1) * 255).astype(np.uint8)
 
 
+def stored_features(thumb: np.ndarray, scales: Sequence[float] = DEFAULT_SCALES) -> Features:
+    """`image_features` of a `stored_thumbnail` (uint8): what every pair is scored on."""
+    return image_features(thumb.astype(np.float32) / 255.0, scales)
+
+
 def band_pass(thumb: np.ndarray, band: Optional[Tuple[float, float]] = BAND) -> np.ndarray:
     """(S, S) -> (S, S) difference of Gaussians (``band`` None: unchanged)."""
     from scipy.ndimage import gaussian_filter
@@ -184,8 +189,7 @@ def aligned_ncc(a, b, scales: Sequence[float] = DEFAULT_SCALES, side: int = DEFA
     """Best normalised cross-correlation of images ``a`` and ``b`` ((H, W) or (H, W, C) arrays, or PIL images)
     over translations and the scale grid ``scales``, both directions, on ``side`` px band-passed grey thumbnails
     (rounded to uint8 as `verify_pairs` keeps them, so both give a pair the same score)."""
-    a, b = (image_features(stored_thumbnail(x, side).astype(np.float32) / 255.0, scales) for x in (a, b))
-    return pair_ncc(a, b)
+    return pair_ncc(*(stored_features(stored_thumbnail(x, side), scales) for x in (a, b)))
 
 
 class FeatureCache:
@@ -218,7 +222,7 @@ class FeatureCache:
         thumb = self.thumbnail(row)
         if thumb is None:
             return None
-        features = image_features(thumb.astype(np.float32) / 255.0, self.scales)
+        features = stored_features(thumb, self.scales)
         remember(self.features, row, features, FEATURE_CACHE)
         return features
 
