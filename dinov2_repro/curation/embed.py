@@ -286,17 +286,17 @@ def load_embeddings(out_dir, vectors: bool = True) -> Embeddings:
     params = complete_params(out_dir)
     rows = read_csv_rows(out_dir / "index.csv")
     skipped = (out_dir / "skipped.txt").read_text(encoding="utf-8").splitlines()
-    matrix = embedding_rows(out_dir, np.arange(len(rows))) if vectors else np.zeros((len(rows), 0), np.float32)
+    matrix = embedding_rows(out_dir, np.arange(len(rows)), params) if vectors else np.zeros((len(rows), 0), np.float32)
     return Embeddings(matrix, [int(r["sample"]) for r in rows], [r["path"] for r in rows],
                       [int(r["label"]) for r in rows], [r["sha1"] for r in rows], params, skipped)
 
 
-def embedding_rows(out_dir, rows: np.ndarray) -> np.ndarray:
+def embedding_rows(out_dir, rows: np.ndarray, params: Optional[Dict[str, Any]] = None) -> np.ndarray:
     """float32 (len(rows), D): the embeddings of ``rows`` (sorted row numbers of ``index.csv``) of a complete
-    ``embed`` folder. Only the shards those rows fall in are read, memory-mapped, so that each rank of a
-    multi-rank step holds its own rows alone."""
+    ``embed`` folder (``params``: its `complete_params`, when the caller has them). Only the shards those rows fall
+    in are read, memory-mapped, so that each rank of a multi-rank step holds its own rows alone."""
     out_dir = Path(out_dir)
-    params = complete_params(out_dir)
+    params = params if params is not None else complete_params(out_dir)
     shards = [np.load(shard_paths(out_dir, s)["emb"], mmap_mode="r") for s in range(params["n_shards"])]
     starts = np.cumsum([0] + [len(v) for v in shards])  # row of each shard's first embedding
     rows = np.asarray(rows, dtype=np.int64)
