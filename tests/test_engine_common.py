@@ -180,6 +180,21 @@ def test_collapse_monitor_sees_one_prototype_for_every_image_behind_spread_featu
     assert single.update(0, 0.01, 0.5, one_target) is None and single.streak == 0
 
 
+def test_teacher_lag_warning_compares_the_ema_horizon_with_the_run():
+    from dinov2_repro.train.guards import teacher_lag_warning
+
+    # 1 / (1 - 0.996) = 250 iterations, 42 % of 600: the screen that lost 7-10 points; suggest 1 - 10 / 600
+    message = teacher_lag_warning(0.996, 600)
+    assert "about 250 iterations" in message and "42% of this 600-iteration schedule" in message
+    assert "teacher.momentum_teacher=0.983 here" in message
+    assert teacher_lag_warning(0.98, 600) is None and teacher_lag_warning(0.99, 600) is None
+    assert teacher_lag_warning(0.99, 400) is None  # a horizon of 100 is exactly a quarter: not yet a lag
+    assert "25% of this 399-iteration" in teacher_lag_warning(0.99, 399)
+    assert teacher_lag_warning(0.999, 30000) is None  # the 1-GPU presets' long runs
+    assert "teacher.momentum_teacher=0.995 here" in teacher_lag_warning(0.999, 2000)  # ...cut to 2,000
+    assert "never updates the teacher" in teacher_lag_warning(1.0, 600)
+
+
 def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):
     from dinov2_repro.train import guards
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Iterator
 
+from .guards import teacher_lag_warning
 from .run_dir import writing
 
 log = logging.getLogger("dinov2_repro.train")
@@ -60,6 +61,9 @@ def log_start(run: Any) -> None:
              f"{n_backbone:,}", f"{n_heads:,}")
     log.info("run directory %s", run.run_dir)
     sched = run.step.schedules
+    lag = teacher_lag_warning(sched.momentum_teacher, sched.total_iterations)
+    if lag:
+        log.warning(lag)
     if sched.stop_iteration < sched.total_iterations:
         frozen = sched.stop_iteration <= sched.freeze_last_layer_iterations
         log.warning("train.max_iterations=%d cuts the %d-iteration schedule: the run stops with the lr at %.3g "
