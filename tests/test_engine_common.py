@@ -193,6 +193,8 @@ def test_teacher_lag_warning_compares_the_ema_horizon_with_the_run():
     assert teacher_lag_warning(0.999, 30000) is None  # the 1-GPU presets' long runs
     assert "teacher.momentum_teacher=0.995 here" in teacher_lag_warning(0.999, 2000)  # ...cut to 2,000
     assert "never updates the teacher" in teacher_lag_warning(1.0, 600)
+    assert teacher_lag_warning(0.992, 99) is None  # smoke-test runs: a tenth of them would copy the student
+    assert "teacher.momentum_teacher=0.9 here" in teacher_lag_warning(0.992, 100)
 
 
 def test_cpu_fsdp_on_a_torch_without_it_names_the_key_and_the_version(monkeypatch):

@@ -275,16 +275,23 @@ def test_short_runs_scale_the_schedules_or_say_that_they_cut_them(tmp_path, monk
     assert len(records) == 10 and lr.index(max(lr)) == 3 and lr[-1] < 0.1 * max(lr)
     assert [v > 0 for v in last_layer] == [False] * 4 + [True] * 6
     assert "cuts the" not in (scaled / "train.log").read_text()
-    # The recipe's teacher (horizon 125 iterations) lags a 10-iteration run, and the log says so.
-    assert "teacher.momentum_teacher=0.992 averages the teacher over about 125 iterations" in (
-        scaled / "train.log").read_text()
-    cut = tmp_path / "cut"  # a horizon of 2 iterations is within a quarter of its 10: no lag warning
-    assert engine.main(["--output-dir", str(cut), *short, "train.max_iterations=3",
-                        "teacher.momentum_teacher=0.5"]) == 0
+    assert "averages the teacher" not in (scaled / "train.log").read_text()  # too short to warn of a lag
+    cut = tmp_path / "cut"
+    assert engine.main(["--output-dir", str(cut), *short, "train.max_iterations=3"]) == 0
     log_text = (cut / "train.log").read_text()
-    assert "averages the teacher" not in log_text
     assert "train.max_iterations=3 cuts the 10-iteration schedule" in log_text
     assert "the head's last layer never trained" in log_text and "train.iterations=3 instead" in log_text
+
+
+def test_the_start_warns_when_the_teacher_lags_the_schedule(tmp_path, monkeypatch):
+    """The recipe's teacher (horizon 125 iterations) lags a 100-iteration schedule; 0.95 (20) does not."""
+    monkeypatch.setattr(loop, "default_data_loader", FixedLoader())
+    for momentum, warned in [(0.992, True), (0.95, False)]:
+        run = tmp_path / str(momentum)
+        assert engine.main(["--output-dir", str(run), *TINY, "optim.epochs=50", "train.max_iterations=1",
+                            f"teacher.momentum_teacher={momentum}"]) == 0
+        log_text = (run / "train.log").read_text()
+        assert (f"teacher.momentum_teacher={momentum:g} averages the teacher over about" in log_text) == warned
 
 
 def test_train_flags_match_the_other_commands_and_key_value_wins(tmp_path):

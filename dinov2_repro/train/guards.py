@@ -56,10 +56,14 @@ UNIFORM_ADVICE = (
 # The teacher's EMA horizon as a share of the run above which it lags the student for most of it: on real digits
 # (600 iterations, docs/small_scale.md) horizons of 8 % of the run did best, 17 % less well, 42 % lost 7-10 points.
 TEACHER_LAG_SHARE = 0.25
+# Below this a tenth of the run is under 10 iterations, a near copy of the student: such runs are smoke tests.
+TEACHER_LAG_MIN_ITERATIONS = 100
 
 
 def teacher_lag_warning(momentum: float, total_iterations: int) -> Optional[str]:
     """A warning when ``teacher.momentum_teacher`` averages the teacher over more than a quarter of the run."""
+    if total_iterations < TEACHER_LAG_MIN_ITERATIONS:
+        return None
     suggestion = math.floor(1000 * (1.0 - 10.0 / total_iterations)) / 1000
     if momentum >= 1.0:
         return (f"teacher.momentum_teacher={momentum:g} never updates the teacher: it stays the random network it "
