@@ -209,7 +209,8 @@ def training_signals(run_dir: Path, n_prototypes: int, warmup_iterations: int) -
     first_koleo = float(records[0].get("koleo_loss", float("nan")))
     # A term switched off (weight 0) logs 0: it did not engage.
     engaged = {term: 0 < tail_mean(f"{term}_loss") < 0.9 * log_k for term in ("dino", "ibot")}
-    engaged["dino"] &= log_k - tail_mean("teacher_kl_to_uniform") >= CollapseMonitor.low_entropy_frac * log_k
+    engaged["dino"] &= not CollapseMonitor(n_prototypes, patience=1).shares_one_target(
+        tail_mean("teacher_kl_to_uniform"))
     engaged["koleo"] = tail_mean("koleo_loss") < first_koleo - 0.05
     step = max(1, len(records) // 12)
     return dict(entropy_curve=[(i, round(f, 4)) for i, f in list(zip(its, frac))[::step]],

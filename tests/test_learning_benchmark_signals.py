@@ -14,10 +14,13 @@ from benchmarks.learning import training_signals  # noqa: E402
 LOG_K = math.log(1024)
 
 
-def write_run(run_dir: Path, dino_loss: float, entropy: float, kl_to_uniform: float) -> Path:
+def write_run(run_dir: Path, dino_loss: float, entropy: float, kl_to_uniform) -> Path:
     run_dir.mkdir()
     lines = [dict(iteration=i, teacher_entropy=entropy, teacher_kl_to_uniform=kl_to_uniform, dino_loss=dino_loss,
                   ibot_loss=2.0, koleo_loss=1.0 - i / 100) for i in range(5, 105, 5)]
+    if kl_to_uniform is None:  # metrics written before the KL was logged
+        for line in lines:
+            del line["teacher_kl_to_uniform"]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     return run_dir
 
@@ -33,3 +36,6 @@ def test_dino_engages_only_with_per_image_targets(tmp_path):
     # Every image on one prototype: a low loss, but the targets say nothing about the image.
     one = training_signals(write_run(tmp_path / "c", 0.1, 0.0, LOG_K - 1e-3), 1024, warmup_iterations=10)
     assert not one["engaged"]["dino"] and one["engaged"]["ibot"]
+    # No KL logged: nothing says the images share a target, so the low loss counts.
+    unknown = training_signals(write_run(tmp_path / "d", 3.0, 0.5 * LOG_K, None), 1024, warmup_iterations=10)
+    assert unknown["engaged"]["dino"]

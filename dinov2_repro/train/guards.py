@@ -116,9 +116,15 @@ class CollapseMonitor:
             return True
         if teacher_entropy >= self.low_entropy_frac * log_k:
             return False
-        one_target = (teacher_kl_to_uniform is not None and self.images_per_batch > 1
-                      and log_k - teacher_kl_to_uniform < self.low_entropy_frac * log_k)
-        return one_target or student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim)
+        return (self.shares_one_target(teacher_kl_to_uniform)
+                or student_cls_std < self.min_std_frac / math.sqrt(self.embed_dim))
+
+    def shares_one_target(self, teacher_kl_to_uniform: Optional[float]) -> bool:
+        """Whether the batch-mean target, of entropy log K - KL(mean target || uniform), sits on one prototype:
+        every image of the batch then gets the same target. Unknown (None or NaN) is not a collapse."""
+        log_k = math.log(self.n_prototypes)
+        return (teacher_kl_to_uniform is not None and self.images_per_batch > 1
+                and log_k - teacher_kl_to_uniform < self.low_entropy_frac * log_k)
 
     def update(self, iteration: int, teacher_entropy: Optional[float], student_cls_std: Optional[float],
                teacher_kl_to_uniform: Optional[float] = None) -> Optional[str]:
