@@ -186,6 +186,9 @@ def test_teacher_lag_warning_compares_the_ema_horizon_with_the_run():
     # 1 / (1 - 0.996) = 250 iterations, 42 % of 600: the screen that lost 7-10 points; suggest 1 - 10 / 600
     message = teacher_lag_warning(0.996, 600)
     assert "about 250 iterations" in message and "42% of this 600-iteration schedule" in message
+    assert ") and 500 by mid-run" in message  # the cosine to 1 puts the momentum at 0.998 half-way
+    assert ") and 250 by mid-run" in teacher_lag_warning(0.996, 600, final_momentum=0.996)  # a constant momentum
+    assert ") and 333 by mid-run" in teacher_lag_warning(0.996, 600, final_momentum=0.998)  # 1 / (1 - 0.997)
     assert "teacher.momentum_teacher=0.983 here" in message
     assert teacher_lag_warning(0.98, 600) is None and teacher_lag_warning(0.99, 600) is None
     assert teacher_lag_warning(0.99, 400) is None  # a horizon of 100 is exactly a quarter: not yet a lag
@@ -193,6 +196,8 @@ def test_teacher_lag_warning_compares_the_ema_horizon_with_the_run():
     assert teacher_lag_warning(0.999, 30000) is None  # the 1-GPU presets' long runs
     assert "teacher.momentum_teacher=0.995 here" in teacher_lag_warning(0.999, 2000)  # ...cut to 2,000
     assert "never updates the teacher" in teacher_lag_warning(1.0, 600)
+    frozen = teacher_lag_warning(1.0, 600, final_momentum=0.99)  # the cosine does bring it below 1 later
+    assert "freezes the teacher at the start" in frozen and "final_momentum_teacher=0.99 " in frozen
     assert teacher_lag_warning(0.992, 99) is None  # smoke-test runs: a tenth of them would copy the student
     assert "teacher.momentum_teacher=0.9 here" in teacher_lag_warning(0.992, 100)
 

@@ -60,23 +60,29 @@ TEACHER_LAG_SHARE = 0.25
 TEACHER_LAG_MIN_ITERATIONS = 100
 
 
-def teacher_lag_warning(momentum: float, total_iterations: int) -> Optional[str]:
-    """A warning when ``teacher.momentum_teacher`` averages the teacher over more than a quarter of the run."""
+def teacher_lag_warning(momentum: float, total_iterations: int, final_momentum: float = 1.0) -> Optional[str]:
+    """A warning when ``teacher.momentum_teacher`` averages the teacher over more than a quarter of the run.
+
+    The EMA horizon is 1 / (1 - m) iterations; the cosine to ``final_momentum`` puts m half-way by mid-run."""
     if total_iterations < TEACHER_LAG_MIN_ITERATIONS:
         return None
     suggestion = math.floor(1000 * (1.0 - 10.0 / total_iterations)) / 1000
+    advice = f"teacher.momentum_teacher={suggestion:g} here; docs/launching.md, section 5"
     if momentum >= 1.0:
-        return (f"teacher.momentum_teacher={momentum:g} never updates the teacher: it stays the random network it "
-                f"started as (teacher.momentum_teacher={suggestion:g} here; docs/launching.md, section 5)")
+        if final_momentum >= 1.0:
+            return (f"teacher.momentum_teacher={momentum:g} never updates the teacher: it stays the random network it "
+                    f"started as ({advice})")
+        return (f"teacher.momentum_teacher={momentum:g} freezes the teacher at the start: it stays the random network "
+                f"until the cosine to teacher.final_momentum_teacher={final_momentum:g} brings the momentum below 1 "
+                f"({advice})")
     horizon = 1.0 / (1.0 - momentum)
     if horizon <= TEACHER_LAG_SHARE * total_iterations:
         return None
+    mid_run = 1.0 / (1.0 - (momentum + min(final_momentum, 1.0)) / 2)
     return (f"teacher.momentum_teacher={momentum:g} averages the teacher over about {horizon:.0f} iterations at the "
-            f"start and twice that by mid-run, {100 * horizon / total_iterations:.0f}% of this "
-            f"{total_iterations}-iteration schedule: the teacher will lag the student and the DINO term may hardly "
-            f"engage. The slow-teacher advice for small batches is for long runs; in a short one keep the horizon "
-            f"1 / (1 - momentum) near a tenth of the run (teacher.momentum_teacher={suggestion:g} here; "
-            f"docs/launching.md, section 5)")
+            f"start ({100 * horizon / total_iterations:.0f}% of this {total_iterations}-iteration schedule) and "
+            f"{mid_run:.0f} by mid-run: the teacher will lag the student and the DINO term may hardly engage. The slow-teacher advice for small batches is for long runs; in a short one keep the "
+            f"horizon 1 / (1 - momentum) near a tenth of the run ({advice})")
 
 
 @dataclass

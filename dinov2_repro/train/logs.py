@@ -61,7 +61,7 @@ def log_start(run: Any) -> None:
              f"{n_backbone:,}", f"{n_heads:,}")
     log.info("run directory %s", run.run_dir)
     sched = run.step.schedules
-    lag = teacher_lag_warning(sched.momentum_teacher, sched.total_iterations)
+    lag = teacher_lag_warning(sched.momentum_teacher, sched.total_iterations, sched.final_momentum_teacher)
     if lag:
         log.warning(lag)
     if sched.stop_iteration < sched.total_iterations:
