@@ -78,11 +78,12 @@ def teacher_lag_warning(momentum: float, total_iterations: int, final_momentum: 
     horizon = 1.0 / (1.0 - momentum)
     if horizon <= TEACHER_LAG_SHARE * total_iterations:
         return None
-    mid_run = 1.0 / (1.0 - (momentum + min(final_momentum, 1.0)) / 2)
+    mid_run = 1.0 / (1.0 - (momentum + final_momentum) / 2)  # final_momentum <= 1: the loader checks its range
     return (f"teacher.momentum_teacher={momentum:g} averages the teacher over about {horizon:.0f} iterations at the "
             f"start ({100 * horizon / total_iterations:.0f}% of this {total_iterations}-iteration schedule) and "
-            f"{mid_run:.0f} by mid-run: the teacher will lag the student and the DINO term may hardly engage. The slow-teacher advice for small batches is for long runs; in a short one keep the "
-            f"horizon 1 / (1 - momentum) near a tenth of the run ({advice})")
+            f"{mid_run:.0f} by mid-run: the teacher will lag the student and the DINO term may hardly engage. The "
+            f"slow-teacher advice for small batches is for long runs; in a short one keep the horizon "
+            f"1 / (1 - momentum) near a tenth of the run ({advice})")
 
 
 @dataclass
